@@ -1,0 +1,72 @@
+"""Engine configuration: resolves the model, reads its HF config and checks the engine arguments."""
+import os
+from dataclasses import dataclass, field
+
+import torch
+
+from common.errors import InvalidRequestError, ModelLoadError
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_model(model: str | None, dtype: str = "float32") -> str:
+    """A model folder for a folder, a .gguf file (converted once, then cached) or the default model's name."""
+    from common import gguf_convert
+
+    if model is None or model in (gguf_convert.DEFAULT_MODEL, "default"):
+        return gguf_convert.gguf_to_hf_folder(gguf_convert.default_gguf_path(), dtype=DTYPES[dtype])
+    if os.path.isfile(model) and model.endswith(".gguf"):
+        return gguf_convert.gguf_to_hf_folder(model, dtype=DTYPES[dtype])
+    if os.path.isdir(model):
+        if not os.path.isfile(os.path.join(model, "config.json")):
+            raise ModelLoadError(f"{model} has no config.json; expected an HF model folder")
+        return model
+    raise ModelLoadError(f"model {model!r} not found: give an HF model folder, a .gguf file, "
+                         f"or {gguf_convert.DEFAULT_MODEL!r}")
+
+
+@dataclass
+class EngineConfig:
+    model: str | None = None
+    dtype: str = "auto"  # auto: the checkpoint's dtype, float32 when it names none
+    block_size: int = 16
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 2048
+    max_model_len: int | None = None
+    num_kv_blocks: int | None = None  # overrides kv_cache_memory_gb
+    kv_cache_memory_gb: float = 1.0
+    enable_prefix_caching: bool = True
+    enforce_eager: bool = True
+    seed: int = 0
+    hf_config: object = field(default=None, repr=False)
+
+    def __post_init__(self):
+        from transformers import AutoConfig
+
+        def check(ok: bool, msg: str):
+            if not ok:
+                raise InvalidRequestError(msg)
+
+        check(self.dtype == "auto" or self.dtype in DTYPES, f"dtype must be auto or one of {list(DTYPES)}")
+        check(isinstance(self.block_size, int) and self.block_size >= 1, "block_size must be a positive integer")
+        check(isinstance(self.max_num_seqs, int) and self.max_num_seqs >= 1, "max_num_seqs must be >= 1")
+        check(isinstance(self.max_num_batched_tokens, int) and self.max_num_batched_tokens >= 1,
+              "max_num_batched_tokens must be >= 1")
+        check(self.num_kv_blocks is None or (isinstance(self.num_kv_blocks, int) and self.num_kv_blocks >= 1),
+              "num_kv_blocks must be a positive integer")
+        self.model = resolve_model(self.model, "float32" if self.dtype == "auto" else self.dtype)
+        try:
+            self.hf_config = AutoConfig.from_pretrained(self.model)
+        except Exception as e:  # transformers raises several kinds for unreadable configs
+            raise ModelLoadError(f"cannot read the config of {self.model}: {e}") from e
+        if self.dtype == "auto":
+            name = str(getattr(self.hf_config, "dtype", None) or "float32").replace("torch.", "")
+            self.dtype = name if name in DTYPES else "float32"
+        limit = self.hf_config.max_position_embeddings
+        check(self.max_model_len is None or 1 <= self.max_model_len <= limit,
+              f"max_model_len must be in [1, {limit}] for this model")
+        self.max_model_len = self.max_model_len or limit
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
