@@ -1,0 +1,176 @@
+"""ZMQ backend, for machines without NIXL: the sender gathers the blocks into one contiguous tensor and sends it
+as one zero-copy frame; the receiver copies it into its pool inside poll_received and acknowledges.
+
+Sockets: each transport binds a ROUTER (receives data, answers acks) and opens one DEALER per peer it sends to.
+A DEALER/ROUTER pair rather than PUSH/PULL because the sender must learn that the data *landed* (PUSH cannot
+carry an answer back), and acks let a refused transfer fail fast instead of waiting for its deadline.
+Everything that arrives is decoded with a strict schema and size-checked; garbage is logged and dropped.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+
+import msgspec
+import numpy as np
+import torch
+import zmq
+
+from kv_transfer.base import DEFAULT_TIMEOUT_S, KVTransport, TransferResult, ZmqPeerInfo, log
+from kv_transfer.layout import KVLayout
+
+_TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class BlocksHeader(msgspec.Struct, array_like=True, frozen=True):
+    """Frame 1 of a data message; frame 2 is the raw bytes of a [2, L, n, block_size, heads, head_dim] tensor."""
+    transfer_id: str
+    dst_block_ids: list[int]
+    dtype: str
+    shape: tuple[int, ...]
+
+
+class Ack(msgspec.Struct, array_like=True, frozen=True):
+    transfer_id: str
+    ok: bool
+    error: str = ""
+
+
+_header_decoder = msgspec.msgpack.Decoder(BlocksHeader)
+_ack_decoder = msgspec.msgpack.Decoder(Ack)
+_encoder = msgspec.msgpack.Encoder()
+
+
+class ZmqTransport(KVTransport):
+    backend = "zmq"
+
+    def __init__(self, name: str, pool: torch.Tensor, layout: KVLayout, *, timeout_s: float = DEFAULT_TIMEOUT_S,
+                 host: str = "127.0.0.1", port: int = 0, advertise_host: str | None = None):
+        super().__init__(name, pool, layout, timeout_s=timeout_s)
+        self._ctx = zmq.Context(io_threads=1)
+        self._router = self._ctx.socket(zmq.ROUTER)
+        self._router.setsockopt(zmq.LINGER, 0)
+        if port:
+            self._router.bind(f"tcp://{host}:{port}")
+        else:
+            port = self._router.bind_to_random_port(f"tcp://{host}")
+        self.endpoint = f"tcp://{advertise_host or host}:{port}"
+        self._dealers: dict[str, zmq.Socket] = {}  # peer name -> socket
+        self._inflight: dict[str, torch.Tensor] = {}  # transfer id -> gathered tensor (zmq may still read it)
+        self._acks: list[TransferResult] = []
+        self._send_poller = zmq.Poller()
+        self._recv_poller = zmq.Poller()
+        self._recv_poller.register(self._router, zmq.POLLIN)
+        self._shape_tail = (layout.num_layers, layout.block_size, layout.num_kv_heads, layout.head_dim)
+
+    def metadata(self) -> bytes:
+        return msgspec.msgpack.encode(ZmqPeerInfo(name=self.name, layout=self.layout, num_blocks=self.num_blocks,
+                                                  endpoint=self.endpoint))
+
+    def _connect(self, info: ZmqPeerInfo) -> None:
+        sock = self._ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.connect(info.endpoint)
+        self._dealers[info.name] = sock
+        self._send_poller.register(sock, zmq.POLLIN)
+
+    def _disconnect(self, peer_id: str) -> None:
+        sock = self._dealers.pop(peer_id)
+        self._send_poller.unregister(sock)
+        sock.close()
+
+    # --- sender ---------------------------------------------------------------------------------------------
+    def _start_write(self, peer: ZmqPeerInfo, src: torch.Tensor, dst: torch.Tensor, transfer_id: str) -> None:
+        # one gather over the block dim for all layers and K/V at once; .cpu() is a no-op for CPU pools
+        data = self.pool.index_select(2, src.to(self.pool.device)).cpu()
+        header = BlocksHeader(transfer_id, dst.tolist(), self.layout.dtype, tuple(data.shape))
+        self._inflight[transfer_id] = data  # keeps the buffer alive while zmq's I/O thread sends it
+        self._dealers[peer.name].send_multipart(
+            [_encoder.encode(header), data.view(-1).view(torch.uint8).numpy()], copy=False)
+
+    def _progress_sends(self) -> list[TransferResult]:
+        for sock in self._dealers.values():
+            while True:
+                try:
+                    frames = sock.recv_multipart(zmq.NOBLOCK)
+                except zmq.Again:
+                    break
+                try:
+                    ack = _ack_decoder.decode(frames[-1]) if len(frames) == 1 else None
+                except msgspec.DecodeError:
+                    ack = None
+                if ack is None or ack.transfer_id not in self._inflight:
+                    log.warning("dropping unexpected ack from a peer (%d frames)", len(frames))
+                    continue
+                self._acks.append(TransferResult(ack.transfer_id, ack.ok, ack.error or None))
+        out, self._acks = self._acks, []
+        return out
+
+    def _release_send(self, transfer_id: str) -> None:
+        self._inflight.pop(transfer_id, None)
+
+    def _wait_sent(self, seconds: float) -> None:
+        self._send_poller.poll(max(1, int(seconds * 1000)))
+
+    # --- receiver -------------------------------------------------------------------------------------------
+    def _progress_received(self) -> list[TransferResult]:
+        out = []
+        while True:
+            try:
+                frames = self._router.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return out
+            ident, rest = frames[0].bytes, frames[1:]
+            tid, error = self._receive(rest)
+            if tid is None:
+                continue  # undecodable: nobody to answer
+            self._router.send_multipart([ident, _encoder.encode(Ack(tid, error is None, error or ""))])
+            if error is None:
+                out.append(TransferResult(tid, True))
+            elif tid in self._recv_deadlines:  # an expected transfer that was refused: fail it now
+                out.append(TransferResult(tid, False, error))
+
+    def _receive(self, frames) -> tuple[str | None, str | None]:
+        """Validate and copy one message into the pool. Returns (transfer_id or None, error or None)."""
+        if len(frames) != 2:
+            log.warning("dropping a message of %d frames (expected header + data)", len(frames))
+            return None, None
+        try:
+            h = _header_decoder.decode(frames[0].buffer)
+        except msgspec.DecodeError as e:
+            log.warning("dropping a message with a malformed header: %s", e)
+            return None, None
+        n = len(h.dst_block_ids)
+        expected_shape = (2, self._shape_tail[0], n, *self._shape_tail[1:])
+        payload = frames[1].buffer
+        if self.is_late(h.transfer_id):
+            error = "arrived after the receiver's deadline"
+        elif h.dtype != self.layout.dtype or tuple(h.shape) != expected_shape:
+            error = f"shape/dtype {h.shape}/{h.dtype} does not match {expected_shape}/{self.layout.dtype}"
+        elif payload.nbytes != (want := math.prod(expected_shape) * self.layout.itemsize):
+            error = f"payload has {payload.nbytes} bytes, header implies {want}"
+        elif n == 0 or min(h.dst_block_ids) < 0 or max(h.dst_block_ids) >= self.num_blocks:
+            error = f"dst block ids out of range [0, {self.num_blocks})"
+        elif len(set(h.dst_block_ids)) != n:
+            error = "dst block ids repeat"
+        else:
+            with warnings.catch_warnings():  # zmq's buffer is read-only; we only read from it
+                warnings.simplefilter("ignore", UserWarning)
+                raw = torch.from_numpy(np.frombuffer(payload, dtype=np.uint8))
+            data = raw.view(_TORCH_DTYPES[h.dtype]).view(expected_shape).to(self.pool.device)
+            idx = torch.tensor(h.dst_block_ids, dtype=torch.int64, device=self.pool.device)
+            self.pool.index_copy_(2, idx, data)
+            return h.transfer_id, None
+        log.warning("refusing transfer %s: %s", h.transfer_id, error)
+        return h.transfer_id, error
+
+    def _wait_received(self, seconds: float) -> None:
+        self._recv_poller.poll(max(1, int(seconds * 1000)))
+
+    def close(self) -> None:
+        if self._ctx.closed:
+            return
+        super().close()
+        self._inflight.clear()
+        self._router.close()
+        self._ctx.term()

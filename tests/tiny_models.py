@@ -1,0 +1,235 @@
+"""Build tiny random-weight HF model folders (Llama / Qwen3) for parity tests.
+
+Everything is generated locally and deterministically (no hub access):
+a seeded random-weight model saved with ``save_pretrained`` (config.json +
+model.safetensors) plus a small byte-level BPE tokenizer trained with the
+``tokenizers`` library on generated text, wrapped as a
+``PreTrainedTokenizerFast`` with eos/bos/pad tokens and a ChatML chat template.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+# Weight init std. HF's default initializer_range (0.02) gives a tiny model whose
+# logits have a std of ~0.2 and whose greedy output is dominated by the last
+# token (short repeating cycles). 0.15 gives logits with std ~1.5-2, clearly
+# separated top-2 logits and varied continuations (checked in test_hf_reference).
+DEFAULT_INIT_STD = 0.15
+
+
+@dataclass(frozen=True)
+class TinyConfig:
+    arch: str = "llama"  # "llama" | "qwen3"
+    num_heads: int = 4
+    num_kv_heads: int = 4
+    head_dim: int = 32
+    tie_word_embeddings: bool = False
+    hidden_size: int = 128
+    num_layers: int = 2
+    vocab_size: int = 512
+    intermediate_size: int | None = None
+    max_position_embeddings: int = 2048
+    seed: int = 0
+    init_std: float = DEFAULT_INIT_STD
+
+    @property
+    def id(self) -> str:
+        return (
+            f"{self.arch}-h{self.num_heads}kv{self.num_kv_heads}-d{self.head_dim}"
+            f"-{'tied' if self.tie_word_embeddings else 'untied'}-hid{self.hidden_size}"
+        )
+
+
+# ----------------------------------------------------------------------------
+# tokenizer
+# ----------------------------------------------------------------------------
+
+_SYLLABLES = [
+    "ka", "lo", "mi", "ten", "ra", "qu", "ish", "om", "bel", "dra", "ne", "st", "ur",
+    "pha", "ix", "zo", "gen", "tal", "ver", "cu", "ly", "an", "the", "ing", "ed",
+    "ion", "er", "re", "pro", "sy", "mo", "del", "ca", "che", "ble", "at", "ou",
+]
+_WORDS = [
+    "the", "of", "and", "to", "in", "is", "model", "token", "cache", "block", "prefix",
+    "attention", "layer", "what", "capital", "France", "Paris", "hello", "world", "a",
+    "batch", "sequence", "decode", "prefill", "engine", "serving", "query", "key", "value",
+]
+
+
+def _corpus(num_lines: int = 600, seed: int = 1234) -> list[str]:
+    rng = random.Random(seed)
+    lines = []
+    for _ in range(num_lines):
+        words = []
+        for _ in range(rng.randint(4, 18)):
+            r = rng.random()
+            if r < 0.45:
+                words.append(rng.choice(_WORDS))
+            elif r < 0.9:
+                words.append("".join(rng.choice(_SYLLABLES) for _ in range(rng.randint(1, 4))))
+            else:
+                words.append(str(rng.randint(0, 9999)))
+        line = " ".join(words)
+        if rng.random() < 0.5:
+            line = line.capitalize()
+        line += rng.choice([".", "?", "!", ",", ":", ""])
+        lines.append(line)
+    return lines
+
+
+def make_tokenizer(vocab_size: int):
+    """Byte-level BPE with exactly ``vocab_size`` entries (padded with reserved tokens)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=list(SPECIAL_TOKENS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(_corpus(), trainer=trainer)
+    n = tok.get_vocab_size()
+    if n < vocab_size:
+        # pad to exactly vocab_size so every model id decodes to something
+        from tokenizers import AddedToken
+
+        tok.add_tokens(
+            [AddedToken(f"<|reserved_{i}|>", special=False) for i in range(vocab_size - n)]
+        )
+    assert tok.get_vocab_size() == vocab_size, (tok.get_vocab_size(), vocab_size)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<|im_start|>",
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        unk_token=None,
+    )
+    fast.chat_template = CHATML_TEMPLATE
+    return fast
+
+
+# ----------------------------------------------------------------------------
+# model
+# ----------------------------------------------------------------------------
+
+
+def _hf_config(cfg: TinyConfig, eos_id: int, bos_id: int, pad_id: int):
+    inter = cfg.intermediate_size or (cfg.hidden_size * 2 + 32)
+    common = dict(
+        vocab_size=cfg.vocab_size,
+        hidden_size=cfg.hidden_size,
+        intermediate_size=inter,
+        num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_heads,
+        num_key_value_heads=cfg.num_kv_heads,
+        head_dim=cfg.head_dim,
+        max_position_embeddings=cfg.max_position_embeddings,
+        tie_word_embeddings=cfg.tie_word_embeddings,
+        initializer_range=cfg.init_std,
+        rms_norm_eps=1e-6,
+        bos_token_id=bos_id,
+        eos_token_id=eos_id,
+        pad_token_id=pad_id,
+        attention_bias=False,
+    )
+    if cfg.arch == "llama":
+        from transformers import LlamaConfig
+
+        return LlamaConfig(rope_theta=10000.0, mlp_bias=False, **common)
+    if cfg.arch == "qwen3":
+        from transformers import Qwen3Config
+
+        return Qwen3Config(rope_theta=1000000.0, use_sliding_window=False, **common)
+    raise ValueError(f"unknown arch {cfg.arch!r}")
+
+
+def _init_weights(model: torch.nn.Module, std: float, seed: int) -> None:
+    """Explicit deterministic init: N(0, std) for matrices/embeddings, norm weights
+    ~ 1 + N(0, 0.1) (non-trivial so a missing/mis-loaded norm is caught)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in sorted(model.named_parameters(), key=lambda kv: kv[0]):
+            if p.dim() >= 2:
+                p.copy_(torch.randn(p.shape, generator=g) * std)
+            elif "norm" in name:
+                p.copy_(1.0 + torch.randn(p.shape, generator=g) * 0.1)
+            else:  # biases (none by default)
+                p.copy_(torch.randn(p.shape, generator=g) * std)
+
+
+def make_tiny_model(
+    directory,
+    arch: str = "llama",
+    num_heads: int = 4,
+    num_kv_heads: int = 4,
+    head_dim: int = 32,
+    tie_word_embeddings: bool = False,
+    hidden_size: int = 128,
+    num_layers: int = 2,
+    vocab_size: int = 512,
+    intermediate_size: int | None = None,
+    max_position_embeddings: int = 2048,
+    seed: int = 0,
+    init_std: float = DEFAULT_INIT_STD,
+) -> Path:
+    """Create a tiny random HF model folder in ``directory`` and return its path."""
+    cfg = TinyConfig(
+        arch=arch, num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim,
+        tie_word_embeddings=tie_word_embeddings, hidden_size=hidden_size,
+        num_layers=num_layers, vocab_size=vocab_size, intermediate_size=intermediate_size,
+        max_position_embeddings=max_position_embeddings, seed=seed, init_std=init_std,
+    )
+    return make_tiny_model_from_config(directory, cfg)
+
+
+def make_tiny_model_from_config(directory, cfg: TinyConfig) -> Path:
+    from transformers import AutoModelForCausalLM, GenerationConfig
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tok = make_tokenizer(cfg.vocab_size)
+    eos_id = tok.convert_tokens_to_ids("<|im_end|>")
+    bos_id = tok.convert_tokens_to_ids("<|im_start|>")
+    pad_id = tok.convert_tokens_to_ids("<|endoftext|>")
+    hf_cfg = _hf_config(cfg, eos_id, bos_id, pad_id)
+    torch.manual_seed(cfg.seed)
+    model = AutoModelForCausalLM.from_config(hf_cfg, dtype=torch.float32)
+    _init_weights(model, cfg.init_std, cfg.seed)
+    if cfg.tie_word_embeddings:
+        assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+    model.eval()
+    model.generation_config = GenerationConfig(
+        bos_token_id=bos_id, eos_token_id=eos_id, pad_token_id=pad_id
+    )
+    model.save_pretrained(directory)
+    tok.save_pretrained(directory)
+    with open(directory / "tiny_config.json", "w") as f:
+        json.dump(asdict(cfg), f, indent=1)
+    return directory
+
+
+if __name__ == "__main__":  # manual: python tests/tiny_models.py /tmp/tiny
+    import sys
+
+    out = make_tiny_model(sys.argv[1] if len(sys.argv) > 1 else "/tmp/tiny_llama")
+    print(out, sorted(os.listdir(out)))
