@@ -36,7 +36,6 @@ class EngineConfig:
     num_kv_blocks: int | None = None  # overrides kv_cache_memory_gb
     kv_cache_memory_gb: float = 1.0
     enable_prefix_caching: bool = True
-    enforce_eager: bool = True
     seed: int = 0
     hf_config: object = field(default=None, repr=False)
 

@@ -295,7 +295,7 @@ def make_llm(model_dir, **kw):
 
     args = dict(
         dtype="float32", block_size=16, max_num_seqs=64, max_num_batched_tokens=2048,
-        num_kv_blocks=None, enable_prefix_caching=True, max_model_len=None, enforce_eager=True,
+        num_kv_blocks=None, enable_prefix_caching=True, max_model_len=None,
     )
     args.update(kw)
     return LLM(str(model_dir), **args)
