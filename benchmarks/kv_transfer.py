@@ -14,6 +14,8 @@ import time
 
 import torch
 
+# nixl logs INFO lines to stdout, which would break up the table; the env var also reaches the spawned receiver.
+os.environ.setdefault("NIXL_LOG_LEVEL", "WARN")
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from kv_transfer import KVLayout, make_transport  # noqa: E402
 

@@ -127,7 +127,7 @@ def floor_ours(a, llm, vocab):
         hook.remove()
         del model.compute_logits
     for seq in list(eng.scheduler.running):
-        eng.scheduler.finish(seq, "abort")
+        eng.abort(seq)
     return {"step": statistics.median(steps), "fwd": statistics.median(fwds), "ctx": ctx}
 
 

@@ -1,7 +1,9 @@
 """The engine core: a scheduler, a block manager and a model runner stepping together.
 
-The same core serves every role; this module is the colocated form (prefill and decode in one process), which
-is the offline LLM and the baseline that disaggregation is measured against.
+The same core serves every role. Colocated (the offline LLM, and the baseline that disaggregation is measured
+against) uses add_request + step. A prefill worker also uses hold_finished: a sequence that has sampled its first
+token keeps its blocks until release(), because the KV transfer still reads them. A decode worker reserves blocks
+for a request before any prefill is spent (reserve), then starts decoding once the KV has landed (start_decoding).
 """
 import os
 
@@ -11,7 +13,7 @@ from common.errors import InvalidRequestError
 from common.model_runner import ModelRunner
 from common.sampling_params import SamplingParams
 from common.scheduler import Scheduler
-from common.sequence import Sequence
+from common.sequence import Sequence, SequenceStatus
 
 
 def eos_token_ids(folder: str, hf_config) -> set[int]:
@@ -28,8 +30,9 @@ def eos_token_ids(folder: str, hf_config) -> set[int]:
 
 
 class LLMEngine:
-    def __init__(self, config: EngineConfig):
+    def __init__(self, config: EngineConfig, hold_finished: bool = False):
         self.config = config
+        self.hold_finished = hold_finished
         self.runner = ModelRunner(config)
         self.block_manager = BlockManager(self.runner.num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
@@ -39,6 +42,12 @@ class LLMEngine:
         self.num_decode_tokens_computed = 0
 
     def add_request(self, token_ids: list[int], params: SamplingParams, request_id: str | None = None) -> Sequence:
+        seq = self.new_sequence(token_ids, params, request_id)
+        self.scheduler.add(seq)
+        return seq
+
+    def new_sequence(self, token_ids: list[int], params: SamplingParams, request_id: str | None = None) -> Sequence:
+        """A validated sequence, not yet queued: raises InvalidRequestError for anything the engine cannot run."""
         max_len = self.config.max_model_len
         if not token_ids:
             raise InvalidRequestError("the prompt is empty")
@@ -51,15 +60,14 @@ class LLMEngine:
         if self.block_manager.blocks_needed(longest) > self.block_manager.num_blocks:
             raise InvalidRequestError(f"a sequence of {longest} tokens does not fit in the KV cache "
                                       f"({self.block_manager.num_blocks} blocks of {self.config.block_size})")
-        seq = Sequence(token_ids, params, request_id)
-        self.scheduler.add(seq)
-        return seq
+        return Sequence(token_ids, params, request_id)
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
 
     def step(self) -> list[Sequence]:
-        """One forward pass over the next batch; returns the sequences that finished in it."""
+        """One forward pass over the next batch; returns the sequences that sampled a token in it (finished ones
+        have is_finished set)."""
         scheduled = self.scheduler.schedule()
         if not scheduled:
             return []
@@ -72,16 +80,52 @@ class LLMEngine:
                 self.num_prefill_tokens_computed += n
             seq.num_computed_tokens += n
             self.block_manager.publish_computed(seq)
-        finished = []
         for seq, token, entry in zip(seqs, tokens, logprobs):
             seq.token_ids.append(token)
             if seq.logprobs is not None:
                 seq.logprobs.append(entry)
             reason = self._finish_reason(seq, token)
             if reason:
-                self.scheduler.finish(seq, reason)
-                finished.append(seq)
-        return finished
+                self.scheduler.finish(seq, reason, free=not self.hold_finished)
+        return seqs
+
+    def release(self, seq: Sequence):
+        """Give back the blocks of a finished sequence that hold_finished kept."""
+        self.block_manager.free_seq(seq)
+
+    def abort(self, seq: Sequence):
+        """Drop a queued or running sequence and free its blocks."""
+        if seq in self.scheduler.waiting:
+            self.scheduler.waiting.remove(seq)
+        elif seq in self.scheduler.running:
+            self.scheduler.finish(seq, "abort")
+            return
+        seq.status = SequenceStatus.FINISHED
+        seq.finish_reason = "abort"
+        self.block_manager.free_seq(seq)
+
+    # --- decode role ----------------------------------------------------------------------------------------
+    def reserve(self, seq: Sequence, watermark_blocks: int = 0) -> bool:
+        """Allocate blocks for seq's tokens (reusing cached prefix blocks) unless fewer than watermark_blocks would
+        remain free for the running sequences to grow into. seq.num_computed_tokens = the cached prefix."""
+        bm = self.block_manager
+        if not bm.can_allocate(seq) or bm.num_free_blocks - bm.blocks_needed(seq.num_tokens) < watermark_blocks:
+            return False
+        bm.allocate(seq)
+        return True
+
+    def start_decoding(self, seq: Sequence, first_token: int) -> str | None:
+        """The KV of all of seq's tokens is in its reserved blocks: append the first token and make seq a running
+        decode. Returns a finish reason when that token already ends it (the blocks are then freed)."""
+        seq.num_computed_tokens = seq.num_tokens
+        self.block_manager.publish_computed(seq)
+        seq.token_ids.append(first_token)
+        seq.status = SequenceStatus.RUNNING
+        self.scheduler.running.append(seq)
+        reason = self._finish_reason(seq, first_token)
+        if reason:
+            self.scheduler.finish(seq, reason)
+        return reason
 
     def _finish_reason(self, seq: Sequence, token: int) -> str | None:
         p = seq.params

@@ -42,9 +42,9 @@ class LLM:
             from tqdm.auto import tqdm
             progress = tqdm(total=len(seqs), desc="generate")
         while self.engine.has_unfinished():
-            done = self.engine.step()
+            done = sum(s.is_finished for s in self.engine.step())
             if progress is not None and done:
-                progress.update(len(done))
+                progress.update(done)
         if progress is not None:
             progress.close()
         return [self._output(s) for s in seqs]

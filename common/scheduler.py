@@ -68,8 +68,9 @@ class Scheduler:
         self.waiting.appendleft(seq)
         self.num_preemptions += 1
 
-    def finish(self, seq: Sequence, reason: str):
+    def finish(self, seq: Sequence, reason: str, free: bool = True):
         seq.status = SequenceStatus.FINISHED
         seq.finish_reason = reason
         self.running.remove(seq)
-        self.block_manager.free_seq(seq)
+        if free:
+            self.block_manager.free_seq(seq)

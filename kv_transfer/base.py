@@ -70,6 +70,7 @@ class KVTransport(ABC):
         self.num_blocks = pool.shape[2]
         self._peers: dict[str, PeerInfo] = {}
         self._send_deadlines: dict[str, float] = {}
+        self._send_peers: dict[str, str] = {}  # transfer id -> peer id, so remove_peer can fail its sends
         self._recv_deadlines: dict[str, float] = {}
         self._failed_sends: list[TransferResult] = []  # sends that failed to start, reported by poll_sent
         # recently timed-out receives: data that arrives for them later is dropped, not reported as success
@@ -115,6 +116,7 @@ class KVTransport(ABC):
         if dst.unique().numel() != dst.numel():
             raise ValueError("dst block ids repeat; the result would depend on write order")
         self._send_deadlines[transfer_id] = time.monotonic() + (timeout_s or self.timeout_s)
+        self._send_peers[transfer_id] = peer_id
         try:
             self._start_write(peer, src, dst, transfer_id)
         except Exception as e:  # reported by the next poll_sent, like any other failure
@@ -131,13 +133,27 @@ class KVTransport(ABC):
         out += self._progress_sends()
         for r in out:
             self._send_deadlines.pop(r.transfer_id, None)
+            self._send_peers.pop(r.transfer_id, None)
             self._release_send(r.transfer_id)
         now = time.monotonic()
         for tid in [t for t, d in self._send_deadlines.items() if d <= now]:
-            del self._send_deadlines[tid]
-            self._release_send(tid)
-            out.append(TransferResult(tid, False, "timed out waiting for the transfer to complete"))
+            self._fail_send(tid, "timed out waiting for the transfer to complete", out)
         return out
+
+    def _fail_send(self, transfer_id: str, error: str, out: list[TransferResult]):
+        del self._send_deadlines[transfer_id]
+        self._send_peers.pop(transfer_id, None)
+        self._release_send(transfer_id)
+        out.append(TransferResult(transfer_id, False, error))
+
+    def remove_peer(self, peer_id: str) -> None:
+        """Forget a peer (it died): its sends in flight are cancelled and reported failed by the next poll_sent."""
+        if peer_id not in self._peers:
+            return
+        for tid in [t for t, p in self._send_peers.items() if p == peer_id]:
+            self._fail_send(tid, f"peer {peer_id} was removed", self._failed_sends)
+        self._disconnect(peer_id)
+        del self._peers[peer_id]
 
     # --- receiver -------------------------------------------------------------------------------------------
     def expect(self, transfer_id: str, timeout_s: float | None = None) -> None:

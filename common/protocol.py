@@ -1,0 +1,150 @@
+"""Every control message that crosses a process boundary, as msgspec structs (never pickle).
+
+Sockets (all ZeroMQ):
+  router  ROUTER  <- worker DEALER "control" (identity = worker id): Heartbeat up; Registered/Admit/Abort/PeerGone down
+          ROUTER  <- worker DEALER "events" (no identity): Tokens and Rejected from decode workers
+  worker  PULL "inbox" <- peers' PUSH: PrefillTask (decode -> prefill), PrefillDone (prefill -> decode)
+
+Each socket has one decoder for the union of what may arrive on it; anything else is dropped and logged.
+"""
+from __future__ import annotations
+
+import logging
+
+import msgspec
+
+from common.sampling_params import SamplingParams
+
+log = logging.getLogger("nano_pd.protocol")
+
+PREFILL, DECODE = "prefill", "decode"
+
+
+class WorkerInfo(msgspec.Struct, frozen=True):
+    worker_id: str  # unique per process incarnation: a restarted worker is a new worker
+    role: str  # PREFILL | DECODE
+    model: str  # served model name; the router refuses workers of another model
+    inbox: str  # tcp endpoint of the worker's PULL socket
+    kv_transport: str  # "nixl" | "zmq": prefill and decode workers must agree
+    kv_layout_hash: str  # KVLayout.compat_hash(): prefill and decode workers must agree
+    block_size: int
+    num_blocks: int
+    max_model_len: int
+    host: str = ""
+    pid: int = 0
+
+
+class WorkerLoad(msgspec.Struct, array_like=True):
+    num_running: int = 0
+    num_waiting: int = 0  # prefill: queued tasks; decode: admissions waiting for blocks or KV
+    free_blocks: int = 0
+    total_blocks: int = 0
+    prefix_cache_queries: int = 0  # cumulative prompt tokens looked up
+    prefix_cache_hits: int = 0  # cumulative tokens found
+    num_preemptions: int = 0
+    kv_bytes_sent: int = 0  # cumulative (prefill side)
+    requests_done: int = 0  # cumulative requests this worker completed its part of
+
+
+# --- worker -> router ------------------------------------------------------------------------------------------
+class Heartbeat(msgspec.Struct, tag="heartbeat"):
+    """Sent every HEARTBEAT_INTERVAL_S; the first one registers the worker (so a restarted router relearns all)."""
+    info: WorkerInfo
+    load: WorkerLoad
+
+
+class TokenOutput(msgspec.Struct, array_like=True):
+    request_id: str
+    token_ids: list[int]
+    finish_reason: str | None = None
+    error: str | None = None
+    retryable: bool = False  # the error is the cluster's (a peer vanished, a lease ran out), not the request's
+    num_cached_tokens: int = -1  # set on a request's first output: prompt tokens the prefill cache served
+    kv_bytes: int = 0  # set on the first output: bytes the prefill worker pushed, and how long that took
+    kv_seconds: float = 0.0
+
+
+class Tokens(msgspec.Struct, tag="tokens"):
+    worker_id: str
+    outputs: list[TokenOutput]
+
+
+class Rejected(msgspec.Struct, tag="rejected"):
+    """A decode worker will not admit the request now (it is full); the router tries another."""
+    worker_id: str
+    request_id: str
+    reason: str
+
+
+# --- router -> worker ------------------------------------------------------------------------------------------
+class Registered(msgspec.Struct, tag="registered"):
+    ok: bool
+    error: str = ""  # why the router refuses this worker; the worker exits with it
+
+
+class Admit(msgspec.Struct, tag="admit"):
+    """Router -> decode worker: reserve blocks for token_ids and have prefill_worker fill them."""
+    request_id: str
+    token_ids: list[int]  # the prompt, plus the tokens already streamed when a request migrates
+    params: SamplingParams
+    prefill_worker: str
+    prefill_inbox: str
+
+
+class Abort(msgspec.Struct, tag="abort"):
+    request_ids: list[str]
+
+
+class PeerGone(msgspec.Struct, tag="peer_gone"):
+    """A worker was declared dead: drop what waits on it (nothing it owned can still touch our memory)."""
+    worker_id: str
+
+
+# --- decode <-> prefill ----------------------------------------------------------------------------------------
+class PrefillTask(msgspec.Struct, tag="prefill"):
+    request_id: str
+    token_ids: list[int]
+    params: SamplingParams  # the first token is sampled by the prefill worker
+    skip_blocks: int  # leading blocks the decode worker already holds (its own prefix cache)
+    dst_block_ids: list[int]  # where the remaining blocks go in the decode worker's pool
+    decode_worker: str
+    decode_inbox: str
+    kv_metadata: bytes  # the decode worker's KVTransport.metadata(); the prefill worker pairs on first sight
+    lease_s: float  # the decode worker frees the blocks after this long: no write may start later
+
+
+class PrefillDone(msgspec.Struct, tag="prefill_done"):
+    request_id: str
+    first_token: int = -1
+    error: str | None = None
+    num_cached_tokens: int = 0
+    kv_bytes: int = 0
+    kv_seconds: float = 0.0
+
+
+RouterInbound = Heartbeat | Tokens | Rejected
+WorkerCommand = Registered | Admit | Abort | PeerGone
+PeerMessage = PrefillTask | PrefillDone
+
+_encoder = msgspec.msgpack.Encoder()
+encode = _encoder.encode
+
+
+class Decoder:
+    """Strict decoding of one socket's union; garbage becomes None (logged, rate-limited), never an exception."""
+
+    def __init__(self, union, where: str):
+        self._decoder = msgspec.msgpack.Decoder(union)
+        self.where = where
+        self.num_dropped = 0
+
+    def decode(self, data: bytes):
+        try:
+            return self._decoder.decode(data)
+        except (msgspec.DecodeError, msgspec.ValidationError, ValueError, TypeError) as e:
+            # SamplingParams.__post_init__ raises InvalidRequestError (a ValueError) for out-of-range values
+            self.num_dropped += 1
+            if self.num_dropped <= 10 or self.num_dropped % 1000 == 0:
+                log.warning("dropped an undecodable message on %s (%d so far): %s", self.where,
+                            self.num_dropped, str(e)[:200])
+            return None

@@ -1,0 +1,1 @@
+"""The decode role: admission with block reservation, continuous batched decoding, token streaming."""

@@ -1,0 +1,181 @@
+"""One decode worker process.
+
+Admission is where backpressure lives: a request first reserves blocks here (reusing blocks this worker already
+caches for its prefix), and only then is a prefill worker asked to fill the rest, so a full decode worker costs no
+prefill compute. A request that cannot get blocks waits in a bounded FIFO; beyond that it is refused and the
+router tries another decode worker.
+
+Reserved blocks have a lease (the receive deadline of the KV transport). When the prefill worker's answer comes
+the request joins the continuous batch; when the lease runs out first the blocks are freed and the router
+retries the request. An aborted reservation stays quarantined until the prefill worker answers or the lease
+ends, because a write already in flight could still land in those blocks; only a prefill worker declared dead
+frees its reservations at once.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections import deque
+
+from common.errors import InvalidRequestError
+from common.protocol import (DECODE, Abort, Admit, PeerGone, PrefillDone, PrefillTask, Registered, Rejected,
+                             TokenOutput, Tokens, WorkerLoad)
+from common.sequence import Sequence
+from common.worker_runtime import WorkerRuntime
+from kv_transfer import make_transport
+
+log = logging.getLogger("nano_pd.decode")
+
+
+@dataclasses.dataclass
+class Admission:
+    msg: Admit
+    seq: Sequence
+    aborted: bool = False
+
+
+class DecodeWorker:
+    def __init__(self, args):
+        self.rt = WorkerRuntime(DECODE, args)
+        self.engine = self.rt.engine
+        self.transport = make_transport(args.kv_transport, self.rt.worker_id, self.engine.runner.kv_pool,
+                                        model_name=self.rt.model_name, host=args.host,
+                                        advertise_host=self.rt.advertise_host)
+        self.kv_metadata = self.transport.metadata()
+        self.lease_s = args.kv_lease
+        self.max_pending = args.max_pending or 4 * args.max_num_seqs
+        bm = self.engine.block_manager
+        self.watermark = max(1, bm.num_blocks // 100)  # kept free for the running sequences to grow into
+        self.pending: deque[Admission] = deque()  # waiting for blocks
+        self.reserved: dict[str, Admission] = {}  # blocks reserved, waiting for the KV and first token
+        self.running: dict[str, Sequence] = {}
+        self.requests_done = 0
+        self._outputs: list[TokenOutput] = []
+
+    def load(self) -> WorkerLoad:
+        return self.rt.engine_load(num_waiting=len(self.pending) + len(self.reserved),
+                                   requests_done=self.requests_done)
+
+    def run(self):
+        self.rt.start(self.transport.backend, self.transport.layout.compat_hash(), self.load)
+        try:
+            while not self.rt.stopping:
+                busy = self.engine.has_unfinished()
+                # while KV is on its way, NIXL needs our polls to make progress: poll often
+                commands, messages = self.rt.poll(0 if busy else 1 if self.reserved else 20)
+                for cmd in commands:
+                    self._on_command(cmd)
+                for msg in messages:
+                    if isinstance(msg, PrefillDone):
+                        self._on_prefill_done(msg)
+                    else:
+                        log.warning("unexpected %s on a decode worker's inbox", type(msg).__name__)
+                for result in self.transport.poll_received():
+                    if not result.ok:
+                        self._lease_expired(result.transfer_id, result.error)
+                self._admit()
+                if self.engine.has_unfinished():
+                    for seq in self.engine.step():
+                        self._emit(seq, [seq.token_ids[-1]])
+                self._flush()
+        finally:
+            self.transport.close()
+            self.rt.close()
+
+    # --- router commands ----------------------------------------------------------------------------------
+    def _on_command(self, cmd):
+        if isinstance(cmd, Admit):
+            self._on_admit(cmd)
+        elif isinstance(cmd, Abort):
+            for rid in cmd.request_ids:
+                self._abort(rid)
+        elif isinstance(cmd, PeerGone):
+            for rid in [r for r, a in self.reserved.items() if a.msg.prefill_worker == cmd.worker_id]:
+                adm = self.reserved.pop(rid)
+                self.engine.release(adm.seq)  # a dead process writes nothing more into these blocks
+                if not adm.aborted:
+                    self._error(rid, f"prefill worker {cmd.worker_id} died", retryable=True)
+        elif isinstance(cmd, Registered) and not cmd.ok:
+            log.error("the router refused this worker: %s", cmd.error)
+            raise SystemExit(2)
+
+    def _on_admit(self, msg: Admit):
+        rid = msg.request_id
+        if rid in self.reserved or rid in self.running or any(a.msg.request_id == rid for a in self.pending):
+            return log.warning("duplicate admission %s ignored", rid)
+        try:
+            seq = self.engine.new_sequence(msg.token_ids, msg.params, rid)
+        except InvalidRequestError as e:
+            return self._error(rid, str(e), retryable=False)
+        if len(self.pending) >= self.max_pending:
+            return self.rt.send_router(Rejected(self.rt.worker_id, rid, "decode worker is full"))
+        self.pending.append(Admission(msg, seq))
+
+    def _abort(self, rid: str):
+        if rid in self.running:
+            self.engine.abort(self.running.pop(rid))
+        elif rid in self.reserved:
+            self.reserved[rid].aborted = True
+        else:
+            for adm in self.pending:
+                if adm.msg.request_id == rid:
+                    self.pending.remove(adm)
+                    break
+
+    # --- admission and handoff ------------------------------------------------------------------------------
+    def _admit(self):
+        while self.pending:
+            adm = self.pending[0]
+            # with nothing else holding blocks, a request may use all of them
+            idle = not self.engine.has_unfinished() and not self.reserved
+            if not self.engine.reserve(adm.seq, 0 if idle else self.watermark):
+                return
+            self.pending.popleft()
+            seq, bm = adm.seq, self.engine.block_manager
+            skip = seq.num_computed_tokens // bm.block_size
+            self.reserved[seq.request_id] = adm
+            self.transport.expect(seq.request_id, self.lease_s)
+            self.rt.send_peer(adm.msg.prefill_inbox, PrefillTask(
+                request_id=seq.request_id, token_ids=seq.token_ids, params=seq.params, skip_blocks=skip,
+                dst_block_ids=seq.block_table[skip:], decode_worker=self.rt.worker_id,
+                decode_inbox=self.rt.inbox_endpoint, kv_metadata=self.kv_metadata, lease_s=self.lease_s))
+
+    def _on_prefill_done(self, msg: PrefillDone):
+        adm = self.reserved.pop(msg.request_id, None)
+        if adm is None:
+            return log.info("late answer for %s ignored (lease over or aborted)", msg.request_id)
+        if adm.aborted or msg.error:
+            self.engine.release(adm.seq)
+            if not adm.aborted:
+                self._error(msg.request_id, msg.error, retryable=True)
+            return
+        seq = adm.seq
+        reason = self.engine.start_decoding(seq, msg.first_token)
+        if reason is None:
+            self.running[seq.request_id] = seq
+        self._emit(seq, [msg.first_token], num_cached_tokens=msg.num_cached_tokens, kv_bytes=msg.kv_bytes,
+                   kv_seconds=msg.kv_seconds)
+
+    def _lease_expired(self, rid: str, error: str | None):
+        adm = self.reserved.pop(rid, None)
+        if adm is None:
+            return
+        self.engine.release(adm.seq)
+        if not adm.aborted:
+            self._error(rid, f"no KV from prefill worker {adm.msg.prefill_worker} within the lease: {error}",
+                        retryable=True)
+
+    # --- output ---------------------------------------------------------------------------------------------
+    def _emit(self, seq: Sequence, token_ids: list[int], **first_output_stats):
+        if seq.is_finished:
+            self.running.pop(seq.request_id, None)
+            self.requests_done += 1
+        self._outputs.append(TokenOutput(seq.request_id, token_ids, seq.finish_reason, **first_output_stats))
+
+    def _error(self, rid: str, error: str, retryable: bool):
+        self._outputs.append(TokenOutput(rid, [], "error", error=error, retryable=retryable))
+
+    def _flush(self):
+        if self._outputs:
+            self.rt.send_router(Tokens(self.rt.worker_id, self._outputs))
+            self._outputs = []

@@ -1,0 +1,1 @@
+"""Launching nano-pd clusters: local process supervision and cluster specs."""

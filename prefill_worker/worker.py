@@ -1,0 +1,176 @@
+"""One prefill worker process.
+
+A task comes from the decode worker that reserved blocks for it. The prompt goes through the engine like any
+other sequence (prefix cache, chunked prefill, batched with other prompts) and stops after its first token; its
+blocks stay held (engine hold_finished) while the KV transport writes the ones the decode worker lacks into the
+blocks it reserved. Only when the write has completed is the decode worker told the first token, and only then
+are our blocks released (they stay in our prefix cache).
+
+No write may start after the decode worker's lease on its blocks runs out, since after that it may reuse them and
+NIXL cannot refuse a late write: a task's local deadline is its arrival time + lease - LEASE_MARGIN_S.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+
+from common.errors import InvalidRequestError
+from common.protocol import PREFILL, Abort, PeerGone, PrefillDone, PrefillTask, Registered, WorkerLoad
+from common.sequence import Sequence, SequenceStatus
+from common.worker_runtime import WorkerRuntime
+from kv_transfer import KVLayoutMismatch, make_transport
+
+LEASE_MARGIN_S = 2.0
+
+log = logging.getLogger("nano_pd.prefill")
+
+
+@dataclasses.dataclass
+class Task:
+    msg: PrefillTask
+    seq: Sequence
+    deadline: float
+    aborted: bool = False
+    num_bytes: int = 0
+    started: float = 0.0  # when the transfer started
+
+
+class PrefillWorker:
+    def __init__(self, args):
+        self.rt = WorkerRuntime(PREFILL, args, hold_finished=True)
+        self.engine = self.rt.engine
+        self.transport = make_transport(args.kv_transport, self.rt.worker_id, self.engine.runner.kv_pool,
+                                        model_name=self.rt.model_name, host=args.host,
+                                        advertise_host=self.rt.advertise_host)
+        self.tasks: dict[str, Task] = {}  # queued or prefilling
+        self.sending: dict[str, Task] = {}  # KV transfer in flight
+        self.peer_metadata: dict[str, bytes] = {}  # decode worker id -> the metadata we paired with
+        self.kv_bytes_sent = 0
+        self.requests_done = 0
+
+    def load(self) -> WorkerLoad:
+        load = self.rt.engine_load(kv_bytes_sent=self.kv_bytes_sent, requests_done=self.requests_done)
+        load.num_running += len(self.sending)
+        return load
+
+    def run(self):
+        self.rt.start(self.transport.backend, self.transport.layout.compat_hash(), self.load)
+        try:
+            while not self.rt.stopping:
+                busy = self.engine.has_unfinished()
+                commands, messages = self.rt.poll(0 if busy else 1 if self.sending else 20)
+                for cmd in commands:
+                    self._on_command(cmd)
+                for msg in messages:
+                    if isinstance(msg, PrefillTask):
+                        self._on_task(msg)
+                    else:
+                        log.warning("unexpected %s on a prefill worker's inbox", type(msg).__name__)
+                if self.engine.has_unfinished():
+                    for seq in self.engine.step():
+                        if seq.is_finished:
+                            self._push(self.tasks.pop(seq.request_id))
+                for result in self.transport.poll_sent():
+                    self._sent(result)
+                self._expire_queued()
+        finally:
+            self.transport.close()
+            self.rt.close()
+
+    # --- inputs -------------------------------------------------------------------------------------------
+    def _on_command(self, cmd):
+        if isinstance(cmd, Abort):
+            for rid in cmd.request_ids:
+                self._abort(rid, notify=True)
+        elif isinstance(cmd, PeerGone):
+            for rid in [r for r, t in self.tasks.items() if t.msg.decode_worker == cmd.worker_id]:
+                self._abort(rid, notify=False)
+            if self.peer_metadata.pop(cmd.worker_id, None) is not None:
+                self.transport.remove_peer(cmd.worker_id)  # its transfers in flight fail at the next poll
+        elif isinstance(cmd, Registered) and not cmd.ok:
+            log.error("the router refused this worker: %s", cmd.error)
+            raise SystemExit(2)
+
+    def _on_task(self, msg: PrefillTask):
+        def refuse(error: str):
+            self.rt.send_peer(msg.decode_inbox, PrefillDone(msg.request_id, error=error))
+
+        if msg.request_id in self.tasks or msg.request_id in self.sending:
+            return log.warning("duplicate task %s ignored", msg.request_id)
+        try:
+            self._pair(msg.decode_worker, msg.kv_metadata)
+        except (KVLayoutMismatch, ValueError) as e:
+            return refuse(f"prefill worker {self.rt.worker_id} cannot send KV to {msg.decode_worker}: {e}")
+        total = self.engine.block_manager.blocks_needed(len(msg.token_ids))
+        if not 0 <= msg.skip_blocks < total or len(msg.dst_block_ids) != total - msg.skip_blocks:
+            return refuse(f"task has {msg.skip_blocks} cached + {len(msg.dst_block_ids)} blocks for "
+                          f"{len(msg.token_ids)} tokens ({total} blocks)")
+        try:
+            seq = self.engine.new_sequence(msg.token_ids, dataclasses.replace(msg.params, max_tokens=1),
+                                           msg.request_id)
+        except InvalidRequestError as e:
+            return refuse(str(e))
+        self.engine.scheduler.add(seq)
+        self.tasks[msg.request_id] = Task(msg, seq, time.monotonic() + msg.lease_s - LEASE_MARGIN_S)
+
+    def _pair(self, decode_worker: str, metadata: bytes):
+        if self.peer_metadata.get(decode_worker) != metadata:
+            self.transport.add_peer(metadata)
+            self.peer_metadata[decode_worker] = metadata
+
+    # --- the handoff ----------------------------------------------------------------------------------------
+    def _push(self, task: Task):
+        """The first token is sampled: write the blocks the decode worker lacks into its reserved ones."""
+        msg, seq = task.msg, task.seq
+        now = time.monotonic()
+        if task.aborted or now >= task.deadline:
+            self.engine.release(seq)
+            if not task.aborted:
+                self._done(task, error="the KV was ready only after the decode worker's lease ran out")
+            return
+        src = seq.block_table[msg.skip_blocks:msg.skip_blocks + len(msg.dst_block_ids)]
+        task.num_bytes = len(src) * self.transport.layout.block_bytes
+        task.started = now
+        self.sending[msg.request_id] = task
+        self.transport.write_blocks(msg.decode_worker, src, msg.dst_block_ids, msg.request_id,
+                                    timeout_s=task.deadline - now)
+
+    def _sent(self, result):
+        task = self.sending.pop(result.transfer_id, None)
+        if task is None:
+            return
+        self.engine.release(task.seq)
+        if task.aborted:
+            return
+        if result.ok:
+            self.kv_bytes_sent += task.num_bytes
+            self.requests_done += 1
+            self._done(task, first_token=task.seq.token_ids[-1], num_bytes=task.num_bytes,
+                       seconds=time.monotonic() - task.started)
+        else:
+            self._done(task, error=f"KV transfer to {task.msg.decode_worker} failed: {result.error}")
+
+    def _done(self, task: Task, first_token: int = -1, error: str | None = None, num_bytes: int = 0,
+              seconds: float = 0.0):
+        self.rt.send_peer(task.msg.decode_inbox, PrefillDone(
+            task.msg.request_id, first_token=first_token, error=error, num_cached_tokens=task.seq.num_cached_tokens,
+            kv_bytes=num_bytes, kv_seconds=seconds))
+
+    def _abort(self, rid: str, notify: bool):
+        task = self.tasks.pop(rid, None)
+        if task is not None:
+            self.engine.abort(task.seq)
+            if notify:  # the decode worker keeps the blocks quarantined until it hears from us
+                self._done(task, error="aborted")
+        elif rid in self.sending:
+            self.sending[rid].aborted = True  # our blocks stay held until the write has finished
+
+    def _expire_queued(self):
+        """Queued tasks whose lease ran out before they were prefilled: never spend compute on them."""
+        now = time.monotonic()
+        for rid in [r for r, t in self.tasks.items()
+                    if t.deadline <= now and t.seq.status == SequenceStatus.WAITING]:
+            task = self.tasks.pop(rid)
+            self.engine.abort(task.seq)
+            self._done(task, error="waited in the prefill queue longer than the decode worker's lease")

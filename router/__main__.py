@@ -1,0 +1,53 @@
+"""python -m router [--model M] [--port 8000] [--control-port 8100]: the cluster's OpenAI-compatible front door.
+
+Workers join by starting with --router HOST:CONTROL_PORT; the router needs no list of them.
+"""
+import argparse
+import logging
+import os
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(prog="python -m router", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=None, help="HF folder, .gguf file or the default model's name (tokenizer "
+                                                   "and chat template come from it)")
+    ap.add_argument("--served-model-name", default=None, help="the name clients use (default: from --model)")
+    ap.add_argument("--host", default="127.0.0.1", help="HTTP address")
+    ap.add_argument("--port", type=int, default=8000, help="HTTP port")
+    ap.add_argument("--control-host", default=None, help="address of the workers' control endpoint (default "
+                                                         "--host; 0.0.0.0 to accept workers from other hosts)")
+    ap.add_argument("--control-port", type=int, default=None, help="control port (default: HTTP port + 100)")
+    ap.add_argument("--heartbeat-timeout", type=float, default=2.0,
+                    help="seconds without a heartbeat before a worker is declared dead")
+    ap.add_argument("--migrate-wait", type=float, default=10.0,
+                    help="seconds a request whose worker died waits for a live one before it fails")
+    ap.add_argument("--request-timeout", type=float, default=600.0,
+                    help="seconds a request may go without any token before it fails")
+    ap.add_argument("--log-level", default="info")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s router %(levelname)s %(message)s")
+
+    import uvicorn
+    from transformers import AutoTokenizer
+
+    from common.worker_runtime import served_model_name
+    from router.app import create_app
+    from router.cluster import Cluster
+    from router.router_metrics import RouterMetrics
+
+    folder = args.model
+    if folder is None or not os.path.isdir(folder):
+        from common.config import resolve_model  # converts a GGUF once (cached): needs torch, only here
+        folder = resolve_model(args.model)
+    name = args.served_model_name or served_model_name(args.model)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    metrics = RouterMetrics(name)
+    cluster = Cluster(name, args.control_host or args.host, args.control_port or args.port + 100,
+                      heartbeat_timeout_s=args.heartbeat_timeout, migrate_wait_s=args.migrate_wait, metrics=metrics)
+    app = create_app(cluster, tokenizer, name, metrics, request_timeout_s=args.request_timeout)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=5)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,191 @@
+"""The HTTP front: OpenAI chat completions (streamed and not), models, health, metrics, and a cluster page."""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from router import openai_api as api
+from router.cluster import Cluster, ClusterError, RequestState
+from router.detokenizer import IncrementalDetokenizer
+from router.router_metrics import RouterMetrics
+
+log = logging.getLogger("nano_pd.router")
+
+
+def error_response(status: int, message: str, type: str = "invalid_request_error", param=None, code=None):
+    return JSONResponse(api.error_body(message, type, param, code), status_code=status)
+
+
+def create_app(cluster: Cluster, tokenizer, model_name: str, metrics: RouterMetrics,
+               request_timeout_s: float = 600.0) -> FastAPI:
+    @contextlib.asynccontextmanager
+    async def lifespan(_app):
+        await cluster.start()
+        yield
+        await cluster.stop()
+
+    app = FastAPI(title="nano-pd router", lifespan=lifespan)
+
+    @app.exception_handler(api.APIError)
+    async def _api_error(_request, e: api.APIError):
+        if e.status >= 500:
+            metrics.request_errors.labels(status=e.status).inc()
+        return JSONResponse(e.body(), status_code=e.status)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_request, e: StarletteHTTPException):
+        return error_response(e.status_code, str(e.detail), "not_found_error" if e.status_code == 404 else
+                              "invalid_request_error")
+
+    @app.get("/health")
+    async def health():
+        if cluster.healthy:
+            return {"status": "ok"}
+        return error_response(503, cluster._missing_roles(), "service_unavailable")
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": api.now(),
+                                            "owned_by": "nano-pd", "max_model_len": cluster.max_model_len}]}
+
+    @app.get("/metrics")
+    async def prometheus():
+        return PlainTextResponse(metrics.render(cluster), media_type="text/plain; version=0.0.4")
+
+    @app.get("/cluster")
+    async def cluster_page():
+        return {"healthy": cluster.healthy, "workers": cluster.snapshot()}
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        req = api.parse_chat_request(await request.body())
+        if req.model is not None and req.model != model_name:
+            raise api.APIError(404, f"The model `{req.model}` does not exist.", param="model",
+                               code="model_not_found")
+        max_model_len = cluster.max_model_len
+        if max_model_len is None or not cluster.healthy:
+            raise api.APIError(503, cluster._missing_roles(), "service_unavailable")
+        try:
+            prompt = tokenizer.apply_chat_template(api.chat_messages(req), add_generation_prompt=True,
+                                                   tokenize=False)
+        except Exception as e:  # jinja raises for conversations a template refuses (e.g. role order)
+            raise api.APIError(400, f"the chat template cannot render these messages: {e}", param="messages")
+        prompt_ids = tokenizer.encode(prompt, add_special_tokens=False)
+        params = api.sampling_params(req, len(prompt_ids), max_model_len)
+        request_id = api.completion_id()
+        try:
+            state = await cluster.submit(request_id, prompt_ids, params)
+        except ClusterError as e:
+            raise api.APIError(503, str(e), "service_unavailable") from None
+        detok = IncrementalDetokenizer(tokenizer, api.stop_strings(req), req.skip_special_tokens)
+        run = Generation(cluster, metrics, state, detok, request_timeout_s)
+        created = api.now()
+        if not req.stream:
+            try:
+                text, reason = await run.collect()
+            finally:
+                run.close()
+            return api.completion(request_id, model_name, created, text, reason, run.usage())
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        return StreamingResponse(stream(run, request_id, created, include_usage), media_type="text/event-stream")
+
+    async def stream(run: "Generation", request_id: str, created: int, include_usage: bool):
+        def sse(obj) -> str:
+            return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+        try:
+            yield sse(api.chunk(request_id, model_name, created, {"role": "assistant", "content": ""}))
+            try:
+                async for text in run.deltas():
+                    yield sse(api.chunk(request_id, model_name, created, {"content": text}))
+            except api.APIError as e:
+                yield sse(e.body())
+                yield "data: [DONE]\n\n"
+                return
+            yield sse(api.chunk(request_id, model_name, created, {}, run.finish_reason))
+            if include_usage:
+                yield sse({"id": request_id, "object": "chat.completion.chunk", "created": created,
+                           "model": model_name, "choices": [], "usage": run.usage()})
+            yield "data: [DONE]\n\n"
+        finally:
+            run.close()
+
+    return app
+
+
+class Generation:
+    """One request's tokens turned into text: detokenization, stop strings, timing metrics, and cleanup."""
+
+    def __init__(self, cluster: Cluster, metrics: RouterMetrics, state: RequestState, detok: IncrementalDetokenizer,
+                 timeout_s: float):
+        self.cluster, self.metrics, self.state, self.detok, self.timeout_s = cluster, metrics, state, detok, timeout_s
+        self.finish_reason: str | None = None
+        self.first_token_at: float | None = None
+        self.last_token_at: float | None = None
+        self.num_tokens = 0
+
+    async def deltas(self):
+        """Text deltas as they become safe to emit; raises APIError if the cluster fails the request."""
+        state = self.state
+        while self.finish_reason is None:
+            try:
+                event = await asyncio.wait_for(state.events.get(), self.timeout_s)
+            except asyncio.TimeoutError:
+                await self.cluster.abort(state)
+                raise api.APIError(504, f"no tokens for {self.timeout_s:.0f} s", "timeout") from None
+            if event[0] == "error":
+                self.metrics.request_errors.labels(status=event[2]).inc()
+                raise api.APIError(event[2], event[1], "service_unavailable" if event[2] >= 500 else
+                                   "invalid_request_error")
+            _, token_ids, reason = event
+            self._observe(len(token_ids))
+            text = self.detok.add(token_ids)
+            if self.detok.stopped:
+                self.finish_reason = "stop"
+                await self.cluster.abort(state)
+            elif reason is not None:
+                self.finish_reason = reason
+                text += self.detok.flush()
+            if text:
+                yield text
+        self._finished()
+
+    async def collect(self) -> tuple[str, str]:
+        parts = [text async for text in self.deltas()]
+        return "".join(parts), self.finish_reason
+
+    def _observe(self, n: int):
+        now = time.monotonic()
+        if n == 0:
+            return
+        if self.first_token_at is None:
+            self.first_token_at = now
+            self.metrics.ttft.observe(now - self.state.arrival)
+        else:
+            self.metrics.itl.observe(now - self.last_token_at)
+        self.last_token_at = now
+        self.num_tokens += n
+        self.metrics.generation_tokens.inc(n)
+
+    def _finished(self):
+        now = time.monotonic()
+        self.metrics.e2e.observe(now - self.state.arrival)
+        if self.num_tokens > 1:
+            self.metrics.tpot.observe((now - self.first_token_at) / (self.num_tokens - 1))
+        self.metrics.finished(self.finish_reason, len(self.state.prompt_ids))
+
+    def usage(self) -> dict:
+        return api.usage(len(self.state.prompt_ids), len(self.state.output_ids), self.state.num_cached_tokens)
+
+    def close(self):
+        """Whatever ended the response (done, error, client gone), the workers must stop spending on it.
+        Scheduled rather than awaited: this also runs while the response task is being cancelled."""
+        if not self.state.done:
+            asyncio.get_running_loop().create_task(self.cluster.abort(self.state))

@@ -1,0 +1,181 @@
+"""The OpenAI chat-completions request schema, its validation, and the response / error bodies.
+
+Requests are decoded with msgspec against a strict schema: a wrong type or a missing field is a 400 that names the
+field; unknown fields are ignored, as OpenAI does.
+"""
+from __future__ import annotations
+
+import time
+
+import msgspec
+
+from common.errors import InvalidRequestError
+from common.sampling_params import SamplingParams
+
+MAX_STOP_STRINGS = 4
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, type: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+
+    def body(self) -> dict:
+        return error_body(self.message, self.type, self.param, self.code)
+
+
+def error_body(message: str, type: str = "invalid_request_error", param: str | None = None,
+               code: str | None = None) -> dict:
+    return {"error": {"message": message, "type": type, "param": param, "code": code}}
+
+
+class ContentPart(msgspec.Struct):
+    type: str
+    text: str | None = None
+
+
+class Message(msgspec.Struct):
+    role: str
+    content: str | list[ContentPart] | None = None
+    name: str | None = None
+
+
+class StreamOptions(msgspec.Struct):
+    include_usage: bool = False
+
+
+class ChatCompletionRequest(msgspec.Struct):
+    messages: list[Message]
+    model: str | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    max_tokens: int | None = None
+    max_completion_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    n: int | None = None
+    logprobs: bool | None = None
+    top_logprobs: int | None = None
+    user: str | None = None
+    # extensions vLLM accepts too
+    top_k: int | None = None
+    min_p: float | None = None
+    repetition_penalty: float | None = None
+    ignore_eos: bool = False
+    stop_token_ids: list[int] | None = None
+    skip_special_tokens: bool = True
+
+
+_decoder = msgspec.json.Decoder(ChatCompletionRequest)
+ROLES = {"system", "developer", "user", "assistant", "tool"}
+
+
+def parse_chat_request(body: bytes) -> ChatCompletionRequest:
+    try:
+        req = _decoder.decode(body)
+    except msgspec.ValidationError as e:
+        raise APIError(400, f"invalid request: {e}", param=_param_of(str(e))) from None
+    except msgspec.DecodeError as e:
+        raise APIError(400, f"the body is not valid JSON: {e}") from None
+    if not req.messages:
+        raise APIError(400, "messages must contain at least one message", param="messages")
+    for i, m in enumerate(req.messages):
+        if m.role not in ROLES:
+            raise APIError(400, f"messages[{i}].role must be one of {sorted(ROLES)}, got {m.role!r}",
+                           param=f"messages[{i}].role")
+        if isinstance(m.content, list) and any(p.type != "text" or p.text is None for p in m.content):
+            raise APIError(400, f"messages[{i}].content: only text parts are supported",
+                           param=f"messages[{i}].content")
+    if req.n not in (None, 1):
+        raise APIError(400, "n > 1 is not supported yet", param="n")
+    if req.logprobs:
+        raise APIError(400, "logprobs are not supported yet", param="logprobs")
+    stops = [req.stop] if isinstance(req.stop, str) else (req.stop or [])
+    if len(stops) > MAX_STOP_STRINGS or any(not s for s in stops):
+        raise APIError(400, f"stop takes at most {MAX_STOP_STRINGS} non-empty strings", param="stop")
+    return req
+
+
+def _param_of(validation_message: str) -> str | None:
+    """msgspec says '... - at `$.messages[0].role`'; OpenAI's param is 'messages[0].role'."""
+    _, sep, where = validation_message.rpartition("- at `$.")
+    return where.rstrip("`") if sep else None
+
+
+def stop_strings(req: ChatCompletionRequest) -> list[str]:
+    return [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+
+
+def chat_messages(req: ChatCompletionRequest) -> list[dict]:
+    """Messages as the chat template expects them (text parts joined)."""
+    out = []
+    for m in req.messages:
+        content = m.content
+        if isinstance(content, list):
+            content = "".join(p.text for p in content)
+        msg = {"role": m.role, "content": content or ""}
+        if m.name is not None:
+            msg["name"] = m.name
+        out.append(msg)
+    return out
+
+
+def sampling_params(req: ChatCompletionRequest, prompt_len: int, max_model_len: int) -> SamplingParams:
+    """Engine sampling params; raises APIError(400) for values the engine would refuse or that cannot fit."""
+    max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+    room = max_model_len - prompt_len
+    if room < 1:
+        raise APIError(400, f"This model's maximum context length is {max_model_len} tokens, but the messages "
+                            f"have {prompt_len} tokens; nothing is left for the completion.",
+                       param="messages", code="context_length_exceeded")
+    if max_tokens is not None:
+        if max_tokens < 1:
+            raise APIError(400, f"max_tokens must be at least 1, got {max_tokens}", param="max_tokens")
+        if max_tokens > room:
+            raise APIError(400, f"This model's maximum context length is {max_model_len} tokens. However, you "
+                                f"requested {prompt_len + max_tokens} tokens ({prompt_len} in the messages, "
+                                f"{max_tokens} in the completion).", param="max_tokens",
+                           code="context_length_exceeded")
+    if req.temperature is not None and not 0 <= req.temperature <= 2:
+        raise APIError(400, f"temperature must be in [0, 2], got {req.temperature}", param="temperature")
+    values = {"temperature": 1.0 if req.temperature is None else req.temperature, "max_tokens": max_tokens or room,
+              "ignore_eos": req.ignore_eos, "seed": req.seed, "stop_token_ids": req.stop_token_ids or []}
+    for name in ("top_p", "presence_penalty", "frequency_penalty", "top_k", "min_p", "repetition_penalty"):
+        if getattr(req, name) is not None:
+            values[name] = getattr(req, name)
+    try:
+        return SamplingParams(**values)
+    except InvalidRequestError as e:
+        raise APIError(400, str(e)) from None
+
+
+def completion_id() -> str:
+    import uuid
+    return f"chatcmpl-{uuid.uuid4().hex}"
+
+
+def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> dict:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": cached_tokens}}
+
+
+def chunk(request_id: str, model: str, created: int, delta: dict, finish_reason: str | None = None) -> dict:
+    return {"id": request_id, "object": "chat.completion.chunk", "created": created, "model": model,
+            "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}]}
+
+
+def completion(request_id: str, model: str, created: int, text: str, finish_reason: str, usage_: dict) -> dict:
+    return {"id": request_id, "object": "chat.completion", "created": created, "model": model,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
+                         "finish_reason": finish_reason}],
+            "usage": usage_}
+
+
+def now() -> int:
+    return int(time.time())
