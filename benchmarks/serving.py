@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""Online serving benchmark: streamed chat completions against any OpenAI-compatible URL (nano-pd or `vllm serve`).
+"""Online serving benchmark: streamed chat completions against any OpenAI-compatible URL (nano-pd or `vllm serve`),
+or the same workload in-process on nano-pd's colocated engine (--colocated MODEL).
 
 Every request is a seeded random-word chat prompt of about --input-len tokens that asks for exactly --output-len
 tokens (max_tokens + ignore_eos, temperature 0), so engines are compared on the same work whatever they generate.
@@ -10,11 +11,22 @@ Per request: TTFT = send -> first content delta; ITL = gaps between content chun
 (completion_tokens - 1) with completion_tokens from the usage chunk (else the number of content chunks).
 Goodput = completed requests per second that meet both --slo-ttft-ms and --slo-tpot-ms.
 
+--colocated MODEL (an HF folder, a .gguf file, or `default` / bare --colocated = the bundled SmolLM2-135M-Instruct)
+skips HTTP: one LLMEngine (prefill and decode in this process) runs the same seeded prompts, rendered with the
+model's chat template and tokenized exactly as the router does (before the clock starts), greedy, --output-len
+tokens with ignore_eos, max_num_seqs = the concurrency cap. The main thread alternates engine.step() with admitting
+arrived requests while fewer than the cap are in flight. A request's clock starts when a client would have sent it:
+at its scheduled arrival, or when a slot frees if all were busy (a request arriving mid-step waits for that step to
+end, as it would in a server's queue). Its first token lands at the end of the step that sampled it; ITL = gaps
+between the ends of its token steps. One short warm-up request (a different prompt) runs before the clock starts.
+
     .venv/bin/python benchmarks/serving.py --base-url http://127.0.0.1:8000/v1 --concurrency 8 --label nano-pd
     .venv/bin/python benchmarks/serving.py --request-rate 4 --plot cdf.png --json runs.json --label vllm
+    .venv/bin/python benchmarks/serving.py --colocated --dtype bfloat16 --concurrency 8 --json runs.json
 
 Prints one Markdown table row (with header) to stdout; diagnostics go to stderr. --json appends this run (config,
-summary and every request) to a JSON list in the file. Also a library: `await run_benchmark(BenchConfig(...))`.
+summary and every request) to a JSON list in the file. Also a library: `await run_benchmark(BenchConfig(...))`
+(`run_colocated(cfg)` is the synchronous colocated run; run_benchmark calls it, blocking, when cfg.colocated is set).
 """
 from __future__ import annotations
 
@@ -26,11 +38,16 @@ import math
 import os
 import random
 import sys
+import heapq
 import time
 from collections import Counter
 from typing import Any, Mapping
 
 import httpx
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO not in sys.path:
+    sys.path.insert(0, REPO)  # `common` for --colocated when run as a script
 
 # Short, common English words: most are one token (with their leading space) in BPE vocabularies, so
 # N words make a prompt of roughly N tokens on any model; the true count comes back in `usage`.
@@ -69,6 +86,8 @@ class BenchConfig:
     json: str | None = None
     api_key: str | None = None
     timeout: float = 600.0  # seconds, per request, whole stream included
+    colocated: str | None = None  # model for the in-process colocated engine instead of base_url
+    dtype: str = "auto"  # colocated engine only: auto | float32 | bfloat16
 
 
 @dataclasses.dataclass
@@ -261,6 +280,8 @@ def _append_json(path: str, record: dict) -> None:
 async def run_benchmark(config: BenchConfig | Mapping[str, Any]) -> dict[str, Any]:
     """Run one benchmark; returns {"label", "model", "config", "summary", "requests"}. Writes --plot / --json."""
     cfg = config if isinstance(config, BenchConfig) else BenchConfig(**dict(config))
+    if cfg.colocated is not None:
+        return run_colocated(cfg)
     cfg = dataclasses.replace(cfg, base_url=cfg.base_url.rstrip("/"))
     prompts = make_prompts(cfg.num_prompts, cfg.input_len, cfg.seed)
     arrivals = arrival_times(cfg.num_prompts, cfg.request_rate, cfg.seed)
@@ -287,17 +308,114 @@ async def run_benchmark(config: BenchConfig | Mapping[str, Any]) -> dict[str, An
         results = await asyncio.gather(*tasks)
         duration = time.perf_counter() - t0
 
-    label = cfg.label or model
+    return _finish(cfg, cfg.label or model, model, results, duration)
+
+
+def _finish(cfg: BenchConfig, label: str, model: str, results: list[RequestResult], duration: float,
+            **extra: Any) -> dict[str, Any]:
+    """Both modes end here: summary, record, --plot and --json."""
     summary = summarize(cfg, results, duration)
     record = {"label": label, "model": model, "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
               "config": dataclasses.asdict(cfg), "summary": summary,
-              "requests": [dataclasses.asdict(r) | {"tpot": r.tpot} for r in results]}
+              "requests": [dataclasses.asdict(r) | {"tpot": r.tpot} for r in results]} | extra
     if cfg.plot:
         plot_cdfs(results, cfg.plot, f"{label}: {cfg.num_prompts} x {cfg.input_len} in / {cfg.output_len} out, "
                                      f"concurrency {cfg.concurrency or '-'}, rate {cfg.request_rate:g}/s")
     if cfg.json:
         _append_json(cfg.json, record)
     return record
+
+
+def run_colocated(config: BenchConfig | Mapping[str, Any]) -> dict[str, Any]:
+    """The HTTP workload on an in-process colocated LLMEngine (see the module docstring); same record as
+    run_benchmark."""
+    from transformers import AutoTokenizer
+
+    from common import SamplingParams
+    from common.config import EngineConfig
+    from common.engine import LLMEngine
+
+    cfg = config if isinstance(config, BenchConfig) else BenchConfig(**dict(config))
+    model_arg = None if cfg.colocated in (None, "", "default") else cfg.colocated
+    inflight = cfg.concurrency or cfg.num_prompts
+    engine = LLMEngine(EngineConfig(model=model_arg, dtype=cfg.dtype, max_num_seqs=inflight, num_kv_blocks=None,
+                                    kv_cache_memory_gb=1.0, seed=cfg.seed))
+    tokenizer = AutoTokenizer.from_pretrained(engine.config.model)
+
+    def encode(prompt: str) -> list[int]:  # what router/app.py does with a one-message chat request
+        text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                             tokenize=False)
+        return tokenizer.encode(text, add_special_tokens=False)
+
+    params = SamplingParams(temperature=0.0, max_tokens=cfg.output_len, ignore_eos=True)
+    prompt_ids = [encode(p) for p in make_prompts(cfg.num_prompts, cfg.input_len, cfg.seed)]
+    arrivals = arrival_times(cfg.num_prompts, cfg.request_rate, cfg.seed)
+
+    # warm-up (lazy torch / kernel init) on a prompt the benchmark does not use
+    engine.add_request(encode(make_prompts(1, cfg.input_len, cfg.seed + 7_919)[0]),
+                       SamplingParams(temperature=0.0, max_tokens=2, ignore_eos=True), "warmup")
+    while engine.has_unfinished():
+        engine.step()
+
+    results = [RequestResult() for _ in prompt_ids]
+    last_token: dict[int, float] = {}  # request index -> time of its latest token (relative to t0)
+    active: dict[str, tuple[int, Any]] = {}  # request_id -> (index, Sequence)
+    free_at = [0.0] * inflight  # when each slot became free (a min-heap), relative to t0
+    nxt = 0
+    t0 = time.perf_counter()
+
+    def end(i: int, now: float, error: str | None = None) -> None:
+        res = results[i]
+        if error is None:
+            res.ok, res.latency = True, now - res.start
+        else:
+            res.error = error
+        heapq.heappush(free_at, now)
+
+    while nxt < len(prompt_ids) or active:
+        now = time.perf_counter() - t0
+        while nxt < len(prompt_ids) and arrivals[nxt] <= now and len(active) < inflight:
+            i, nxt = nxt, nxt + 1
+            res = results[i]
+            res.start = max(arrivals[i], heapq.heappop(free_at))
+            res.prompt_tokens = len(prompt_ids[i])
+            try:
+                seq = engine.add_request(prompt_ids[i], params, f"bench-{i}")
+            except Exception as e:  # e.g. a prompt longer than the context: recorded, like an HTTP 400
+                end(i, res.start, f"{type(e).__name__}: {e}"[:200])
+                continue
+            active[seq.request_id] = (i, seq)
+        if not active:  # idle until the next arrival
+            time.sleep(max(0.0, arrivals[nxt] - (time.perf_counter() - t0)))
+            continue
+        stepped = engine.step()
+        now = time.perf_counter() - t0
+        for seq in stepped:
+            if seq.request_id not in active:
+                continue
+            i = active[seq.request_id][0]
+            res = results[i]
+            if i in last_token:
+                res.itl.append(now - last_token[i])
+            else:
+                res.ttft = now - res.start
+            last_token[i] = now
+            res.chunks += 1
+            res.completion_tokens = seq.num_output_tokens
+            if seq.is_finished:
+                del active[seq.request_id]
+                end(i, now)
+        for rid, (i, seq) in list(active.items()):
+            if now - results[i].start > cfg.timeout:
+                engine.abort(seq)
+                del active[rid]
+                end(i, now, "TimeoutError")
+    duration = time.perf_counter() - t0
+
+    ec = engine.config
+    return _finish(cfg, cfg.label or "nano-pd colocated", cfg.colocated or "default", results, duration,
+                   engine={"folder": ec.model, "dtype": ec.dtype, "max_num_seqs": ec.max_num_seqs,
+                           "num_kv_blocks": engine.block_manager.num_blocks})
 
 
 TABLE_HEADER = ["label", "ok/fail", "dur s", "req/s", "out tok/s", "total tok/s",
@@ -329,6 +447,11 @@ def parse_args(argv: list[str] | None = None) -> BenchConfig:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--base-url", default="http://127.0.0.1:8000/v1")
     ap.add_argument("--model", default=None, help="default: the first model of GET /models")
+    ap.add_argument("--colocated", nargs="?", const="default", default=None, metavar="MODEL",
+                    help="run in-process on nano-pd's colocated engine instead of --base-url: an HF folder, a "
+                         ".gguf file or `default` (the bundled SmolLM2-135M-Instruct, also bare --colocated)")
+    ap.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                    help="--colocated engine dtype")
     ap.add_argument("--num-prompts", type=int, default=64)
     ap.add_argument("--input-len", type=int, default=128, help="approximate prompt tokens (random words)")
     ap.add_argument("--output-len", type=int, default=128, help="max_tokens, with ignore_eos")
@@ -340,7 +463,8 @@ def parse_args(argv: list[str] | None = None) -> BenchConfig:
     ap.add_argument("--slo-ttft-ms", type=float, default=1000.0)
     ap.add_argument("--slo-tpot-ms", type=float, default=100.0)
     ap.add_argument("--plot", default=None, metavar="PNG", help="CDFs of TTFT, TPOT and ITL")
-    ap.add_argument("--label", default=None, help="row name in the table (default: the model)")
+    ap.add_argument("--label", default=None,
+                    help='row name in the table (default: the model; "nano-pd colocated" with --colocated)')
     ap.add_argument("--json", default=None, metavar="FILE", help="append this run (raw per-request results too)")
     ap.add_argument("--api-key", default=os.environ.get("OPENAI_API_KEY"), help="default: $OPENAI_API_KEY")
     ap.add_argument("--timeout", type=float, default=600.0, help="seconds per request")
@@ -349,6 +473,10 @@ def parse_args(argv: list[str] | None = None) -> BenchConfig:
         ap.error("--concurrency must be >= 1")
     if not a.request_rate > 0:
         ap.error("--request-rate must be > 0")
+    if a.colocated is None and a.dtype != "auto":
+        ap.error("--dtype is for --colocated")
+    if a.colocated is not None and a.model is not None:
+        ap.error("--model names the served model of --base-url; with --colocated, give the model to --colocated")
     a.base_url = a.base_url.rstrip("/")
     return BenchConfig(**{f.name: getattr(a, f.name) for f in dataclasses.fields(BenchConfig)})
 
@@ -356,8 +484,18 @@ def parse_args(argv: list[str] | None = None) -> BenchConfig:
 def main(argv: list[str] | None = None) -> int:
     cfg = parse_args(argv)
     mode = f"concurrency {cfg.concurrency or 'unlimited'}, request rate {cfg.request_rate:g}/s"
-    print(f"{cfg.base_url}: {cfg.num_prompts} prompts x ~{cfg.input_len} in / {cfg.output_len} out, {mode}",
+    target = cfg.base_url if cfg.colocated is None else f"colocated engine ({cfg.colocated}, dtype {cfg.dtype})"
+    print(f"{target}: {cfg.num_prompts} prompts x ~{cfg.input_len} in / {cfg.output_len} out, {mode}",
           file=sys.stderr)
+    if cfg.colocated is not None:
+        from common.errors import NanoPDError
+
+        try:
+            record = run_colocated(cfg)
+        except NanoPDError as e:  # model not found / unloadable, bad engine arguments
+            print(f"cannot start the colocated engine: {e}", file=sys.stderr)
+            return 2
+        return _report(cfg, record)
     try:
         record = asyncio.run(run_benchmark(cfg))
     except (httpx.HTTPError, ValueError, KeyError, IndexError) as e:
@@ -365,12 +503,17 @@ def main(argv: list[str] | None = None) -> int:
         print(f"cannot list models at {cfg.base_url}/models ({type(e).__name__}: {e}); pass --model",
               file=sys.stderr)
         return 2
+    return _report(cfg, record)
+
+
+def _report(cfg: BenchConfig, record: Mapping[str, Any]) -> int:
     s = record["summary"]
 
     def mean(v):
         return "-" if v is None else f"{v:.1f}"
 
-    print(f"model {record['model']}: mean prompt_tokens {mean(s['mean_prompt_tokens'])} (from usage), "
+    print(f"model {record['model']}: mean prompt_tokens {mean(s['mean_prompt_tokens'])} "
+          f"({'from usage' if cfg.colocated is None else 'chat template'}), "
           f"mean completion_tokens {mean(s['mean_completion_tokens'])}", file=sys.stderr)
     if s["short_outputs"]:
         print(f"warning: {s['short_outputs']} requests returned fewer than {cfg.output_len} tokens "

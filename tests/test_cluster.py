@@ -9,6 +9,7 @@ import concurrent.futures as cf
 import json
 import random
 import socket
+import threading
 import time
 
 import pytest
@@ -339,3 +340,47 @@ def test_no_live_worker_is_a_clear_503(model_dir):
         c.wait_for(lambda: not c.alive("decode"), "the decode worker to be declared dead", 5)
         status, got = post(c, GOOD)
         assert status == 503 and "no live decode worker" in got["error"]["message"]
+
+
+@pytest.mark.slow
+def test_launch_starts_supervises_and_stops_a_cluster(model_dir, offline):
+    """deploy/launch.py with real processes: ready line, a request, a crashed worker restarted, clean SIGTERM."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from tests.cluster_harness import ROOT, free_port
+
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "deploy.launch", "--model", model_dir, "--port", str(port),
+                             "--control-port", str(free_port()), "--kv-transport", "zmq", "--threads-per-worker", "1",
+                             "--decode-args=--num-kv-blocks 512", "--prefill-args=--num-kv-blocks 512"],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=dict(os.environ, PYTHONPATH=ROOT), start_new_session=True)
+    lines = []
+    try:
+        for line in proc.stdout:
+            lines.append(line)
+            if line.startswith("nano-pd ready:"):
+                break
+        assert lines and lines[-1].startswith(f"nano-pd ready: http://127.0.0.1:{port}/v1"), "".join(lines)
+        threading.Thread(target=lines.extend, args=(proc.stdout,), daemon=True).start()  # never let the pipe fill
+        c = LocalCluster.__new__(LocalCluster)  # only its HTTP helpers: launch owns the processes
+        c.base_url, c.procs, c.log_dir = f"http://127.0.0.1:{port}", {}, "(launch output)"
+        name = os.path.basename(model_dir)
+        status, got = post(c, {**GOOD, "model": name, "max_tokens": 12, "temperature": 0})
+        assert status == 200 and got["choices"][0]["message"]["content"] == offline(["hi"], 12)[0]
+        decode_pid = c.alive("decode")[0]["pid"]
+        os.kill(decode_pid, signal.SIGKILL)
+        c.wait_for(lambda: any(w["pid"] != decode_pid for w in c.alive("decode")), "a restarted decode worker", 60)
+        assert post(c, {**GOOD, "model": name})[0] == 200
+        children = [w["pid"] for w in c.workers() if w["alive"]]
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+        for pid in children:
+            assert not os.path.exists(f"/proc/{pid}") or open(f"/proc/{pid}/stat").read().split()[2] == "Z"
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()

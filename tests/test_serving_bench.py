@@ -190,3 +190,39 @@ def test_helpers():
     assert serving.percentile([5.0], 99) == 5.0
     cfg = serving.parse_args(["--concurrency", "4", "--request-rate", "inf", "--label", "x", "--plot", "a.png"])
     assert cfg.concurrency == 4 and math.isinf(cfg.request_rate) and cfg.label == "x" and cfg.plot == "a.png"
+
+
+def test_colocated_engine(tiny_model_factory, tmp_path):
+    from transformers import AutoTokenizer
+
+    from tests.tiny_models import TinyConfig
+
+    folder = str(tiny_model_factory(TinyConfig(arch="llama", num_heads=4, num_kv_heads=2, head_dim=32,
+                                               hidden_size=128, num_layers=2, vocab_size=512)))
+    js = tmp_path / "runs.json"
+    rec = serving.run_colocated(serving.BenchConfig(colocated=folder, dtype="float32", num_prompts=8, input_len=16,
+                                                    output_len=8, concurrency=4, json=str(js)))
+    s = rec["summary"]
+    assert rec["label"] == "nano-pd colocated" and rec["engine"]["max_num_seqs"] == 4
+    assert (s["completed"], s["failed"]) == (8, 0) and s["errors"] == {}
+    assert s["mean_completion_tokens"] == 8 and s["short_outputs"] == 0
+    assert all(r["completion_tokens"] == 8 and r["chunks"] == 8 and len(r["itl"]) == 7 for r in rec["requests"])
+    _check_ordered_positive(s)
+    # prompts are rendered and tokenized as the router does
+    tok = AutoTokenizer.from_pretrained(folder)
+    for r, p in zip(rec["requests"], serving.make_prompts(8, 16, 0)):
+        text = tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, tokenize=False)
+        assert r["prompt_tokens"] == len(tok.encode(text, add_special_tokens=False))
+    # never more than 4 requests in flight, and the same record / table / json path as HTTP mode
+    spans = sorted((r["start"], 1) for r in rec["requests"]) + sorted(
+        (r["start"] + r["latency"], -1) for r in rec["requests"])
+    assert max(itertools.accumulate(d for _, d in sorted(spans, key=lambda x: (x[0], x[1])))) <= 4
+    assert max(r["start"] + r["latency"] for r in rec["requests"]) <= s["duration_s"]
+    assert serving.format_table([rec]).splitlines()[2].startswith("| nano-pd colocated | 8/0 |")
+    assert len(json.loads(js.read_text())[0]["requests"]) == 8
+
+    cfg = serving.parse_args(["--colocated", "--dtype", "bfloat16"])
+    assert cfg.colocated == "default" and cfg.dtype == "bfloat16"
+    assert serving.parse_args(["--colocated", folder]).colocated == folder
+    with pytest.raises(SystemExit):
+        serving.parse_args(["--dtype", "bfloat16"])  # --dtype without --colocated
