@@ -2,7 +2,7 @@
 
 Sockets (all ZeroMQ):
   router  ROUTER  <- worker DEALER "control" (identity = worker id): Heartbeat up; Registered/Admit/Abort/PeerGone down
-          ROUTER  <- worker DEALER "events" (no identity): Tokens and Rejected from decode workers
+          ROUTER  <- worker DEALER "events" (no identity): Tokens, Rejected (decode), KVTransferred (prefill)
   worker  PULL "inbox" <- peers' PUSH: PrefillTask (decode -> prefill), PrefillDone (prefill -> decode)
 
 Each socket has one decoder for the union of what may arrive on it; anything else is dropped and logged.
@@ -60,13 +60,17 @@ class TokenOutput(msgspec.Struct, array_like=True):
     error: str | None = None
     retryable: bool = False  # the error is the cluster's (a peer vanished, a lease ran out), not the request's
     num_cached_tokens: int = -1  # set on a request's first output: prompt tokens the prefill cache served
-    kv_bytes: int = 0  # set on the first output: bytes the prefill worker pushed, and how long that took
-    kv_seconds: float = 0.0
 
 
 class Tokens(msgspec.Struct, tag="tokens"):
     worker_id: str
     outputs: list[TokenOutput]
+
+
+class KVTransferred(msgspec.Struct, tag="kv_transferred"):
+    """Prefill worker -> router, for the metrics: one request's KV push completed."""
+    num_bytes: int
+    seconds: float
 
 
 class Rejected(msgspec.Struct, tag="rejected"):
@@ -114,15 +118,15 @@ class PrefillTask(msgspec.Struct, tag="prefill"):
 
 
 class PrefillDone(msgspec.Struct, tag="prefill_done"):
+    """Sent as soon as the KV write is *posted*, so the decode worker can start in the same loop iteration in which
+    the data lands (its transport reports that); an error is sent instead, or later if the write then fails."""
     request_id: str
     first_token: int = -1
     error: str | None = None
     num_cached_tokens: int = 0
-    kv_bytes: int = 0
-    kv_seconds: float = 0.0
 
 
-RouterInbound = Heartbeat | Tokens | Rejected
+RouterInbound = Heartbeat | Tokens | Rejected | KVTransferred
 WorkerCommand = Registered | Admit | Abort | PeerGone
 PeerMessage = PrefillTask | PrefillDone
 

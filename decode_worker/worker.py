@@ -5,11 +5,12 @@ caches for its prefix), and only then is a prefill worker asked to fill the rest
 prefill compute. A request that cannot get blocks waits in a bounded FIFO; beyond that it is refused and the
 router tries another decode worker.
 
-Reserved blocks have a lease (the receive deadline of the KV transport). When the prefill worker's answer comes
-the request joins the continuous batch; when the lease runs out first the blocks are freed and the router
-retries the request. An aborted reservation stays quarantined until the prefill worker answers or the lease
-ends, because a write already in flight could still land in those blocks; only a prefill worker declared dead
-frees its reservations at once.
+Reserved blocks have a lease (the receive deadline of the KV transport). A request joins the continuous batch
+in the loop iteration where both the prefill worker's first token and the transport's "data landed" are in; when
+the lease runs out first the blocks are freed and the router retries the request. An aborted reservation stays
+quarantined until its data lands, the prefill worker reports the write failed, or the lease ends, because a
+write in flight could still land in those blocks; only a prefill worker declared dead frees its reservations
+at once.
 """
 from __future__ import annotations
 
@@ -32,6 +33,9 @@ class Admission:
     msg: Admit
     seq: Sequence
     aborted: bool = False
+    first_token: int | None = None  # from PrefillDone
+    num_cached_tokens: int = 0
+    landed: bool = False  # the transport reported the KV in our blocks
 
 
 class DecodeWorker:
@@ -71,7 +75,9 @@ class DecodeWorker:
                     else:
                         log.warning("unexpected %s on a decode worker's inbox", type(msg).__name__)
                 for result in self.transport.poll_received():
-                    if not result.ok:
+                    if result.ok:
+                        self._on_landed(result.transfer_id)
+                    else:
                         self._lease_expired(result.transfer_id, result.error)
                 self._admit()
                 if self.engine.has_unfinished():
@@ -116,6 +122,7 @@ class DecodeWorker:
             self.engine.abort(self.running.pop(rid))
         elif rid in self.reserved:
             self.reserved[rid].aborted = True
+            self._maybe_start(self.reserved[rid])  # frees it now if its data has already landed
         else:
             for adm in self.pending:
                 if adm.msg.request_id == rid:
@@ -141,20 +148,34 @@ class DecodeWorker:
                 decode_inbox=self.rt.inbox_endpoint, kv_metadata=self.kv_metadata, lease_s=self.lease_s))
 
     def _on_prefill_done(self, msg: PrefillDone):
-        adm = self.reserved.pop(msg.request_id, None)
+        adm = self.reserved.get(msg.request_id)
         if adm is None:
             return log.info("late answer for %s ignored (lease over or aborted)", msg.request_id)
-        if adm.aborted or msg.error:
+        if msg.error:  # nothing more will be written: the blocks can go
+            del self.reserved[msg.request_id]
             self.engine.release(adm.seq)
             if not adm.aborted:
                 self._error(msg.request_id, msg.error, retryable=True)
             return
+        adm.first_token, adm.num_cached_tokens = msg.first_token, msg.num_cached_tokens
+        self._maybe_start(adm)
+
+    def _on_landed(self, rid: str):
+        adm = self.reserved.get(rid)
+        if adm is not None:
+            adm.landed = True
+            self._maybe_start(adm)
+
+    def _maybe_start(self, adm: Admission):
         seq = adm.seq
-        reason = self.engine.start_decoding(seq, msg.first_token)
-        if reason is None:
-            self.running[seq.request_id] = seq
-        self._emit(seq, [msg.first_token], num_cached_tokens=msg.num_cached_tokens, kv_bytes=msg.kv_bytes,
-                   kv_seconds=msg.kv_seconds)
+        if adm.aborted and adm.landed:
+            del self.reserved[seq.request_id]
+            self.engine.release(seq)
+        elif adm.landed and adm.first_token is not None:
+            del self.reserved[seq.request_id]
+            if self.engine.start_decoding(seq, adm.first_token) is None:
+                self.running[seq.request_id] = seq
+            self._emit(seq, [adm.first_token], num_cached_tokens=adm.num_cached_tokens)
 
     def _lease_expired(self, rid: str, error: str | None):
         adm = self.reserved.pop(rid, None)

@@ -3,8 +3,9 @@
 A task comes from the decode worker that reserved blocks for it. The prompt goes through the engine like any
 other sequence (prefix cache, chunked prefill, batched with other prompts) and stops after its first token; its
 blocks stay held (engine hold_finished) while the KV transport writes the ones the decode worker lacks into the
-blocks it reserved. Only when the write has completed is the decode worker told the first token, and only then
-are our blocks released (they stay in our prefix cache).
+blocks it reserved. The first token goes to the decode worker as soon as the write is posted (it starts decoding
+when its transport reports the data landed); our blocks are released only once the write has completed (they stay
+in our prefix cache), and a write that fails is reported to the decode worker then.
 
 No write may start after the decode worker's lease on its blocks runs out, since after that it may reuse them and
 NIXL cannot refuse a late write: a task's local deadline is its arrival time + lease - LEASE_MARGIN_S.
@@ -16,7 +17,7 @@ import logging
 import time
 
 from common.errors import InvalidRequestError
-from common.protocol import PREFILL, Abort, PeerGone, PrefillDone, PrefillTask, Registered, WorkerLoad
+from common.protocol import PREFILL, Abort, KVTransferred, PeerGone, PrefillDone, PrefillTask, Registered, WorkerLoad
 from common.sequence import Sequence, SequenceStatus
 from common.worker_runtime import WorkerRuntime
 from kv_transfer import KVLayoutMismatch, make_transport
@@ -31,7 +32,6 @@ class Task:
     msg: PrefillTask
     seq: Sequence
     deadline: float
-    aborted: bool = False
     num_bytes: int = 0
     started: float = 0.0  # when the transfer started
 
@@ -124,38 +124,32 @@ class PrefillWorker:
         """The first token is sampled: write the blocks the decode worker lacks into its reserved ones."""
         msg, seq = task.msg, task.seq
         now = time.monotonic()
-        if task.aborted or now >= task.deadline:
+        if now >= task.deadline:
             self.engine.release(seq)
-            if not task.aborted:
-                self._done(task, error="the KV was ready only after the decode worker's lease ran out")
-            return
+            return self._done(task, error="the KV was ready only after the decode worker's lease ran out")
         src = seq.block_table[msg.skip_blocks:msg.skip_blocks + len(msg.dst_block_ids)]
         task.num_bytes = len(src) * self.transport.layout.block_bytes
         task.started = now
         self.sending[msg.request_id] = task
         self.transport.write_blocks(msg.decode_worker, src, msg.dst_block_ids, msg.request_id,
                                     timeout_s=task.deadline - now)
+        self._done(task, first_token=seq.token_ids[-1])
 
     def _sent(self, result):
         task = self.sending.pop(result.transfer_id, None)
         if task is None:
             return
         self.engine.release(task.seq)
-        if task.aborted:
-            return
         if result.ok:
             self.kv_bytes_sent += task.num_bytes
             self.requests_done += 1
-            self._done(task, first_token=task.seq.token_ids[-1], num_bytes=task.num_bytes,
-                       seconds=time.monotonic() - task.started)
-        else:
+            self.rt.send_router(KVTransferred(task.num_bytes, time.monotonic() - task.started))
+        else:  # the decode worker holds the blocks until it hears this (or its lease ends)
             self._done(task, error=f"KV transfer to {task.msg.decode_worker} failed: {result.error}")
 
-    def _done(self, task: Task, first_token: int = -1, error: str | None = None, num_bytes: int = 0,
-              seconds: float = 0.0):
+    def _done(self, task: Task, first_token: int = -1, error: str | None = None):
         self.rt.send_peer(task.msg.decode_inbox, PrefillDone(
-            task.msg.request_id, first_token=first_token, error=error, num_cached_tokens=task.seq.num_cached_tokens,
-            kv_bytes=num_bytes, kv_seconds=seconds))
+            task.msg.request_id, first_token=first_token, error=error, num_cached_tokens=task.seq.num_cached_tokens))
 
     def _abort(self, rid: str, notify: bool):
         task = self.tasks.pop(rid, None)
@@ -163,8 +157,8 @@ class PrefillWorker:
             self.engine.abort(task.seq)
             if notify:  # the decode worker keeps the blocks quarantined until it hears from us
                 self._done(task, error="aborted")
-        elif rid in self.sending:
-            self.sending[rid].aborted = True  # our blocks stay held until the write has finished
+        # a task already sending finishes its write: our blocks stay held until then, and the decode worker
+        # frees its side when the data lands
 
     def _expire_queued(self):
         """Queued tasks whose lease ran out before they were prefilled: never spend compute on them."""

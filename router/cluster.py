@@ -17,7 +17,8 @@ import zmq
 import zmq.asyncio
 
 from common.block_hash import block_hashes
-from common.protocol import (DECODE, PREFILL, Abort, Admit, Decoder, Heartbeat, PeerGone, Registered, Rejected,
+from common.protocol import (DECODE, PREFILL, Abort, Admit, Decoder, Heartbeat, KVTransferred, PeerGone, Registered,
+                             Rejected,
                              RouterInbound, TokenOutput, Tokens, WorkerInfo, WorkerLoad, encode)
 from common.sampling_params import SamplingParams
 
@@ -130,6 +131,9 @@ class Cluster:
                         await self._on_output(out)
                 elif isinstance(msg, Rejected):
                     await self._on_rejected(msg)
+                elif isinstance(msg, KVTransferred) and self.metrics:
+                    self.metrics.kv_transfer_bytes.inc(msg.num_bytes)
+                    self.metrics.kv_transfer_seconds.observe(msg.seconds)
             except Exception:  # one bad message must never take the router down
                 log.exception("error handling a %s message", type(msg).__name__)
 
@@ -335,9 +339,6 @@ class Cluster:
             req.prefill.inflight.discard(req.attempt_id)
             if not req.output_ids:  # the prefill of the client's prompt, not of a migration
                 req.num_cached_tokens = max(out.num_cached_tokens, 0)
-            if self.metrics and out.kv_bytes:
-                self.metrics.kv_transfer_bytes.inc(out.kv_bytes)
-                self.metrics.kv_transfer_seconds.observe(out.kv_seconds)
         req.output_ids.extend(out.token_ids)
         if out.finish_reason is not None:
             req.done = True

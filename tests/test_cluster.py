@@ -384,3 +384,28 @@ def test_launch_starts_supervises_and_stops_a_cluster(model_dir, offline):
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+
+
+def test_mismatched_worker_is_refused_with_a_clear_error(cluster):
+    proc = cluster.add("decode", wait=False, extra=("--block-size", "32"))
+    assert proc.wait(120) == 2
+    log = open(f"{cluster.log_dir}/decode-{len(cluster.procs['decode']) - 1}.log").read()
+    assert "refused this worker" in log and "differs from the cluster's" in log
+    cluster.procs["decode"].pop()  # it is gone; the other tests' cluster is untouched
+    assert cluster.get("/health")[0] == 200
+
+
+@pytest.mark.slow
+def test_prefix_aware_prefill_routing(model_dir):
+    shared = "music table light north window quiet " * 12
+    with LocalCluster(model_dir, 2, 1, transport="zmq") as c:
+        client = c.openai()
+        cached = []
+        for i in range(6):
+            r = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": f"{shared} {i}"}],
+                                               max_tokens=2, temperature=0)
+            cached.append(r.usage.prompt_tokens_details.cached_tokens)
+        # the first request fills one prefill worker's cache; every later one is routed there and hits it
+        assert cached[0] == 0 and all(n >= 64 for n in cached[1:]), cached
+        assigned = sorted(w["assigned"] for w in c.alive("prefill"))
+        assert assigned == [0, 6]
