@@ -46,21 +46,30 @@ class LLMEngine:
         self.scheduler.add(seq)
         return seq
 
-    def new_sequence(self, token_ids: list[int], params: SamplingParams, request_id: str | None = None) -> Sequence:
-        """A validated sequence, not yet queued: raises InvalidRequestError for anything the engine cannot run."""
+    def new_sequence(self, token_ids: list[int], params: SamplingParams, request_id: str | None = None,
+                     num_generated: int = 0) -> Sequence:
+        """A validated sequence, not yet queued: raises InvalidRequestError for anything the engine cannot run.
+        num_generated: the last tokens of token_ids are output generated earlier (a migrated request), so
+        max_tokens, penalties and seeded draws continue exactly where they were."""
         max_len = self.config.max_model_len
         if not token_ids:
             raise InvalidRequestError("the prompt is empty")
         if any(not isinstance(t, int) or not 0 <= t < self.vocab_size for t in token_ids):
             raise InvalidRequestError(f"prompt token ids must be integers in [0, {self.vocab_size})")
+        if params.logit_bias and max(params.logit_bias) >= self.vocab_size:
+            raise InvalidRequestError(f"logit_bias token ids must be in [0, {self.vocab_size})")
         if len(token_ids) >= max_len:
             raise InvalidRequestError(f"the prompt has {len(token_ids)} tokens, but the context length is "
                                       f"{max_len}: it must leave room for at least one new token")
-        longest = min(len(token_ids) + (params.max_tokens or max_len), max_len)
+        if not 0 <= num_generated < len(token_ids):
+            raise InvalidRequestError(f"num_generated must be in [0, {len(token_ids)})")
+        longest = min(len(token_ids) - num_generated + (params.max_tokens or max_len), max_len)
         if self.block_manager.blocks_needed(longest) > self.block_manager.num_blocks:
             raise InvalidRequestError(f"a sequence of {longest} tokens does not fit in the KV cache "
                                       f"({self.block_manager.num_blocks} blocks of {self.config.block_size})")
-        return Sequence(token_ids, params, request_id)
+        seq = Sequence(token_ids, params, request_id)
+        seq.num_prompt_tokens -= num_generated
+        return seq
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()

@@ -60,6 +60,7 @@ class TokenOutput(msgspec.Struct, array_like=True):
     error: str | None = None
     retryable: bool = False  # the error is the cluster's (a peer vanished, a lease ran out), not the request's
     num_cached_tokens: int = -1  # set on a request's first output: prompt tokens the prefill cache served
+    logprobs: list[dict[int, float]] | None = None  # one entry per token id, when the request asked for them
 
 
 class Tokens(msgspec.Struct, tag="tokens"):
@@ -93,6 +94,7 @@ class Admit(msgspec.Struct, tag="admit"):
     params: SamplingParams
     prefill_worker: str
     prefill_inbox: str
+    num_generated: int = 0  # how many of token_ids are output already streamed (they count against max_tokens)
 
 
 class Abort(msgspec.Struct, tag="abort"):
@@ -109,6 +111,7 @@ class PrefillTask(msgspec.Struct, tag="prefill"):
     request_id: str
     token_ids: list[int]
     params: SamplingParams  # the first token is sampled by the prefill worker
+    num_generated: int  # the last tokens of token_ids already generated (a migrated request)
     skip_blocks: int  # leading blocks the decode worker already holds (its own prefix cache)
     dst_block_ids: list[int]  # where the remaining blocks go in the decode worker's pool
     decode_worker: str
@@ -124,6 +127,7 @@ class PrefillDone(msgspec.Struct, tag="prefill_done"):
     first_token: int = -1
     error: str | None = None
     num_cached_tokens: int = 0
+    logprobs: dict[int, float] | None = None  # of the first token
 
 
 RouterInbound = Heartbeat | Tokens | Rejected | KVTransferred

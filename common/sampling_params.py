@@ -20,6 +20,7 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
     logprobs: int | None = None  # top-N logprobs per generated token
+    logit_bias: dict[int, float] | None = None  # token id -> added to its logit (OpenAI: -100..100)
 
     def __post_init__(self):
         def check(ok: bool, msg: str):
@@ -46,6 +47,9 @@ class SamplingParams:
               f"repetition_penalty must be in (0, 10], got {self.repetition_penalty!r}")
         check(self.logprobs is None or (isinstance(self.logprobs, int) and 0 <= self.logprobs <= MAX_LOGPROBS),
               f"logprobs must be in [0, {MAX_LOGPROBS}], got {self.logprobs!r}")
+        check(self.logit_bias is None or all(isinstance(t, int) and t >= 0 and isinstance(b, (int, float))
+                                             and -100 <= b <= 100 for t, b in self.logit_bias.items()),
+              "logit_bias maps token ids to values in [-100, 100]")
 
     @property
     def greedy(self) -> bool:

@@ -30,7 +30,6 @@ class Sequence:
         self._hashes: list[int] = []
         self.finish_reason: str | None = None
         self.logprobs: list[dict[int, float]] | None = [] if params.logprobs is not None else None
-        self.generator = None  # torch.Generator for seeded sampling, made by the sampler on first use
 
     @property
     def num_tokens(self) -> int:

@@ -34,6 +34,7 @@ class Admission:
     seq: Sequence
     aborted: bool = False
     first_token: int | None = None  # from PrefillDone
+    first_logprobs: dict[int, float] | None = None
     num_cached_tokens: int = 0
     landed: bool = False  # the transport reported the KV in our blocks
 
@@ -110,7 +111,7 @@ class DecodeWorker:
         if rid in self.reserved or rid in self.running or any(a.msg.request_id == rid for a in self.pending):
             return log.warning("duplicate admission %s ignored", rid)
         try:
-            seq = self.engine.new_sequence(msg.token_ids, msg.params, rid)
+            seq = self.engine.new_sequence(msg.token_ids, msg.params, rid, msg.num_generated)
         except InvalidRequestError as e:
             return self._error(rid, str(e), retryable=False)
         if len(self.pending) >= self.max_pending:
@@ -143,7 +144,8 @@ class DecodeWorker:
             self.reserved[seq.request_id] = adm
             self.transport.expect(seq.request_id, self.lease_s)
             self.rt.send_peer(adm.msg.prefill_inbox, PrefillTask(
-                request_id=seq.request_id, token_ids=seq.token_ids, params=seq.params, skip_blocks=skip,
+                request_id=seq.request_id, token_ids=seq.token_ids, params=seq.params,
+                num_generated=seq.num_output_tokens, skip_blocks=skip,
                 dst_block_ids=seq.block_table[skip:], decode_worker=self.rt.worker_id,
                 decode_inbox=self.rt.inbox_endpoint, kv_metadata=self.kv_metadata, lease_s=self.lease_s))
 
@@ -157,7 +159,7 @@ class DecodeWorker:
             if not adm.aborted:
                 self._error(msg.request_id, msg.error, retryable=True)
             return
-        adm.first_token, adm.num_cached_tokens = msg.first_token, msg.num_cached_tokens
+        adm.first_token, adm.num_cached_tokens, adm.first_logprobs = msg.first_token, msg.num_cached_tokens, msg.logprobs
         self._maybe_start(adm)
 
     def _on_landed(self, rid: str):
@@ -173,6 +175,8 @@ class DecodeWorker:
             self.engine.release(seq)
         elif adm.landed and adm.first_token is not None:
             del self.reserved[seq.request_id]
+            if seq.logprobs is not None:
+                seq.logprobs.append(adm.first_logprobs or {})
             if self.engine.start_decoding(seq, adm.first_token) is None:
                 self.running[seq.request_id] = seq
             self._emit(seq, [adm.first_token], num_cached_tokens=adm.num_cached_tokens)
@@ -191,7 +195,9 @@ class DecodeWorker:
         if seq.is_finished:
             self.running.pop(seq.request_id, None)
             self.requests_done += 1
-        self._outputs.append(TokenOutput(seq.request_id, token_ids, seq.finish_reason, **first_output_stats))
+        logprobs = seq.logprobs[-len(token_ids):] if seq.logprobs is not None else None
+        self._outputs.append(TokenOutput(seq.request_id, token_ids, seq.finish_reason, logprobs=logprobs,
+                                         **first_output_stats))
 
     def _error(self, rid: str, error: str, retryable: bool):
         self._outputs.append(TokenOutput(rid, [], "error", error=error, retryable=retryable))

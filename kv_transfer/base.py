@@ -85,7 +85,7 @@ class KVTransport(ABC):
         """Pair with a peer from its metadata(); returns its peer id. Raises KVLayoutMismatch / ValueError."""
         try:
             info = _peer_decoder.decode(peer_metadata)
-        except msgspec.DecodeError as e:
+        except (msgspec.DecodeError, ValueError) as e:  # invalid UTF-8 raises UnicodeDecodeError
             raise ValueError(f"malformed peer metadata: {e}") from None
         if not isinstance(info, _INFO_TYPES[self.backend]):
             raise ValueError(f"peer {info.name!r} uses the {type(info).__name__} transport, this side is "

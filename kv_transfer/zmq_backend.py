@@ -97,7 +97,7 @@ class ZmqTransport(KVTransport):
                     break
                 try:
                     ack = _ack_decoder.decode(frames[-1]) if len(frames) == 1 else None
-                except msgspec.DecodeError:
+                except (msgspec.DecodeError, ValueError):
                     ack = None
                 if ack is None or ack.transfer_id not in self._inflight:
                     log.warning("dropping unexpected ack from a peer (%d frames)", len(frames))
@@ -137,7 +137,7 @@ class ZmqTransport(KVTransport):
             return None, None
         try:
             h = _header_decoder.decode(frames[0].buffer)
-        except msgspec.DecodeError as e:
+        except (msgspec.DecodeError, ValueError) as e:  # invalid UTF-8 raises UnicodeDecodeError
             log.warning("dropping a message with a malformed header: %s", e)
             return None, None
         n = len(h.dst_block_ids)

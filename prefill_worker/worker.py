@@ -107,8 +107,9 @@ class PrefillWorker:
             return refuse(f"task has {msg.skip_blocks} cached + {len(msg.dst_block_ids)} blocks for "
                           f"{len(msg.token_ids)} tokens ({total} blocks)")
         try:
+            # a sequence stops after its first new token whatever max_tokens says (num_generated + 1 >= 1)
             seq = self.engine.new_sequence(msg.token_ids, dataclasses.replace(msg.params, max_tokens=1),
-                                           msg.request_id)
+                                           msg.request_id, msg.num_generated)
         except InvalidRequestError as e:
             return refuse(str(e))
         self.engine.scheduler.add(seq)
@@ -133,7 +134,7 @@ class PrefillWorker:
         self.sending[msg.request_id] = task
         self.transport.write_blocks(msg.decode_worker, src, msg.dst_block_ids, msg.request_id,
                                     timeout_s=task.deadline - now)
-        self._done(task, first_token=seq.token_ids[-1])
+        self._done(task, first_token=seq.token_ids[-1], logprobs=seq.logprobs[-1] if seq.logprobs else None)
 
     def _sent(self, result):
         task = self.sending.pop(result.transfer_id, None)
@@ -147,9 +148,10 @@ class PrefillWorker:
         else:  # the decode worker holds the blocks until it hears this (or its lease ends)
             self._done(task, error=f"KV transfer to {task.msg.decode_worker} failed: {result.error}")
 
-    def _done(self, task: Task, first_token: int = -1, error: str | None = None):
+    def _done(self, task: Task, first_token: int = -1, error: str | None = None, logprobs=None):
         self.rt.send_peer(task.msg.decode_inbox, PrefillDone(
-            task.msg.request_id, first_token=first_token, error=error, num_cached_tokens=task.seq.num_cached_tokens))
+            task.msg.request_id, first_token=first_token, error=error, num_cached_tokens=task.seq.num_cached_tokens,
+            logprobs=logprobs))
 
     def _abort(self, rid: str, notify: bool):
         task = self.tasks.pop(rid, None)

@@ -24,6 +24,9 @@ def main(argv=None):
                     help="seconds a request whose worker died waits for a live one before it fails")
     ap.add_argument("--request-timeout", type=float, default=600.0,
                     help="seconds a request may go without any token before it fails")
+    ap.add_argument("--api-key", default=os.environ.get("NANO_PD_API_KEY"),
+                    help="require 'Authorization: Bearer KEY' on /v1 routes (default: $NANO_PD_API_KEY)")
+    ap.add_argument("--max-request-bytes", type=int, default=4 * 2**20, help="largest request body accepted")
     ap.add_argument("--log-level", default="info")
     args = ap.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s router %(levelname)s %(message)s")
@@ -45,7 +48,8 @@ def main(argv=None):
     metrics = RouterMetrics(name)
     cluster = Cluster(name, args.control_host or args.host, args.control_port or args.port + 100,
                       heartbeat_timeout_s=args.heartbeat_timeout, migrate_wait_s=args.migrate_wait, metrics=metrics)
-    app = create_app(cluster, tokenizer, name, metrics, request_timeout_s=args.request_timeout)
+    app = create_app(cluster, tokenizer, name, metrics, request_timeout_s=args.request_timeout,
+                     api_key=args.api_key, max_request_bytes=args.max_request_bytes)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=5)
 
 

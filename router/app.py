@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hmac
 import json
 import logging
 import time
@@ -24,7 +25,8 @@ def error_response(status: int, message: str, type: str = "invalid_request_error
 
 
 def create_app(cluster: Cluster, tokenizer, model_name: str, metrics: RouterMetrics,
-               request_timeout_s: float = 600.0) -> FastAPI:
+               request_timeout_s: float = 600.0, api_key: str | None = None,
+               max_request_bytes: int = 4 * 2**20) -> FastAPI:
     @contextlib.asynccontextmanager
     async def lifespan(_app):
         await cluster.start()
@@ -32,6 +34,25 @@ def create_app(cluster: Cluster, tokenizer, model_name: str, metrics: RouterMetr
         await cluster.stop()
 
     app = FastAPI(title="nano-pd router", lifespan=lifespan)
+
+    @app.middleware("http")
+    async def access(request: Request, call_next):
+        """Bearer auth on /v1 routes, the size limit before the body is read, X-Request-Id echoed."""
+        request_id = request.headers.get("x-request-id")
+        response = None
+        if api_key and request.url.path.startswith("/v1"):
+            if not hmac.compare_digest(request.headers.get("authorization", ""), f"Bearer {api_key}"):
+                response = error_response(401, "Incorrect or missing API key (Authorization: Bearer ...).",
+                                          code="invalid_api_key")
+        declared = request.headers.get("content-length", "")
+        if response is None and declared.isdigit() and int(declared) > max_request_bytes:
+            response = error_response(413, f"the request body has {declared} bytes; the limit is "
+                                           f"{max_request_bytes}")
+        if response is None:
+            response = await call_next(request)
+        if request_id:
+            response.headers["X-Request-Id"] = request_id
+        return response
 
     @app.exception_handler(api.APIError)
     async def _api_error(_request, e: api.APIError):
@@ -65,7 +86,10 @@ def create_app(cluster: Cluster, tokenizer, model_name: str, metrics: RouterMetr
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
-        req = api.parse_chat_request(await request.body())
+        body = await request.body()
+        if len(body) > max_request_bytes:
+            raise api.APIError(413, f"the request body has {len(body)} bytes; the limit is {max_request_bytes}")
+        req = api.parse_chat_request(body)
         if req.model is not None and req.model != model_name:
             raise api.APIError(404, f"The model `{req.model}` does not exist.", param="model",
                                code="model_not_found")
@@ -81,41 +105,78 @@ def create_app(cluster: Cluster, tokenizer, model_name: str, metrics: RouterMetr
         params = api.sampling_params(req, len(prompt_ids), max_model_len)
         request_id = api.completion_id()
         try:
-            state = await cluster.submit(request_id, prompt_ids, params)
+            first = await cluster.submit(f"{request_id}-0", prompt_ids, params)
         except ClusterError as e:
             raise api.APIError(503, str(e), "service_unavailable") from None
-        detok = IncrementalDetokenizer(tokenizer, api.stop_strings(req), req.skip_special_tokens)
-        run = Generation(cluster, metrics, state, detok, request_timeout_s)
+        states = [first] + [cluster.fork(first, f"{request_id}-{i}", api.choice_params(params, i))
+                            for i in range(1, req.n or 1)]
+        runs = [Generation(cluster, metrics, s, IncrementalDetokenizer(tokenizer, api.stop_strings(req),
+                                                                       req.skip_special_tokens), request_timeout_s)
+                for s in states]
+        top_n = req.top_logprobs or 0 if req.logprobs else None
         created = api.now()
         if not req.stream:
             try:
-                text, reason = await run.collect()
+                results = await asyncio.gather(*(run.collect() for run in runs))
             finally:
-                run.close()
-            return api.completion(request_id, model_name, created, text, reason, run.usage())
+                for run in runs:
+                    run.close()
+            choices = [api.choice(i, text, run.finish_reason, None if top_n is None else
+                                  api.logprob_entries(tokenizer, ids, entries, top_n))
+                       for i, (run, (text, ids, entries)) in enumerate(zip(runs, results))]
+            return api.completion(request_id, model_name, created, choices, usage(runs))
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        return StreamingResponse(stream(run, request_id, created, include_usage), media_type="text/event-stream")
+        return StreamingResponse(stream(runs, request_id, created, include_usage, top_n),
+                                 media_type="text/event-stream")
 
-    async def stream(run: "Generation", request_id: str, created: int, include_usage: bool):
+    def usage(runs: list["Generation"]) -> dict:
+        first = runs[0].state
+        return api.usage(len(first.prompt_ids), sum(len(r.state.output_ids) for r in runs), first.num_cached_tokens)
+
+    async def stream(runs: list["Generation"], request_id: str, created: int, include_usage: bool, top_n):
         def sse(obj) -> str:
             return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
-        try:
-            yield sse(api.chunk(request_id, model_name, created, {"role": "assistant", "content": ""}))
+        def chunk(index: int, delta: dict, finish_reason=None, logprobs=None) -> str:
+            return sse(api.chunk(request_id, model_name, created, index, delta, finish_reason, logprobs))
+
+        merged: asyncio.Queue = asyncio.Queue()
+
+        async def pump(index: int, run: Generation):
             try:
-                async for text in run.deltas():
-                    yield sse(api.chunk(request_id, model_name, created, {"content": text}))
+                async for item in run.deltas():
+                    await merged.put((index, item))
+                await merged.put((index, None))
             except api.APIError as e:
-                yield sse(e.body())
-                yield "data: [DONE]\n\n"
-                return
-            yield sse(api.chunk(request_id, model_name, created, {}, run.finish_reason))
+                await merged.put((index, e))
+
+        tasks = [asyncio.create_task(pump(i, run)) for i, run in enumerate(runs)]
+        try:
+            for i in range(len(runs)):
+                yield chunk(i, {"role": "assistant", "content": ""})
+            pending = len(runs)
+            while pending:
+                index, item = await merged.get()
+                if isinstance(item, api.APIError):
+                    yield sse(item.body())
+                    yield "data: [DONE]\n\n"
+                    return
+                if item is None:
+                    pending -= 1
+                    yield chunk(index, {}, runs[index].finish_reason)
+                    continue
+                text, ids, entries = item
+                logprobs = None if top_n is None else api.logprob_entries(tokenizer, ids, entries, top_n)
+                yield chunk(index, {"content": text}, logprobs=logprobs)
             if include_usage:
                 yield sse({"id": request_id, "object": "chat.completion.chunk", "created": created,
-                           "model": model_name, "choices": [], "usage": run.usage()})
+                           "model": model_name, "choices": [], "usage": usage(runs)})
             yield "data: [DONE]\n\n"
         finally:
-            run.close()
+            for task in tasks:
+                task.cancel()
+            for run in runs:
+                run.close()
 
     return app
 
@@ -132,7 +193,8 @@ class Generation:
         self.num_tokens = 0
 
     async def deltas(self):
-        """Text deltas as they become safe to emit; raises APIError if the cluster fails the request."""
+        """(text, token ids, logprobs entries) as text becomes safe to emit (the ids and entries of tokens whose
+        text is held back come with a later delta); raises APIError if the cluster fails the request."""
         state = self.state
         while self.finish_reason is None:
             try:
@@ -144,7 +206,7 @@ class Generation:
                 self.metrics.request_errors.labels(status=event[2]).inc()
                 raise api.APIError(event[2], event[1], "service_unavailable" if event[2] >= 500 else
                                    "invalid_request_error")
-            _, token_ids, reason = event
+            _, token_ids, reason, logprobs = event
             self._observe(len(token_ids))
             text = self.detok.add(token_ids)
             if self.detok.stopped:
@@ -153,13 +215,18 @@ class Generation:
             elif reason is not None:
                 self.finish_reason = reason
                 text += self.detok.flush()
-            if text:
-                yield text
+            if text or logprobs:
+                yield text, token_ids, logprobs or []
         self._finished()
 
-    async def collect(self) -> tuple[str, str]:
-        parts = [text async for text in self.deltas()]
-        return "".join(parts), self.finish_reason
+    async def collect(self) -> tuple[str, list[int], list[dict]]:
+        """The whole text, and the token ids with their logprobs entries (when asked for)."""
+        text, ids, entries = [], [], []
+        async for t, i, e in self.deltas():
+            text.append(t)
+            ids.extend(i)
+            entries.extend(e)
+        return "".join(text), ids, entries
 
     def _observe(self, n: int):
         now = time.monotonic()
@@ -180,9 +247,6 @@ class Generation:
         if self.num_tokens > 1:
             self.metrics.tpot.observe((now - self.first_token_at) / (self.num_tokens - 1))
         self.metrics.finished(self.finish_reason, len(self.state.prompt_ids))
-
-    def usage(self) -> dict:
-        return api.usage(len(self.state.prompt_ids), len(self.state.output_ids), self.state.num_cached_tokens)
 
     def close(self):
         """Whatever ended the response (done, error, client gone), the workers must stop spending on it.

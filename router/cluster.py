@@ -52,7 +52,7 @@ class RequestState:
     request_id: str
     prompt_ids: list[int]
     params: SamplingParams
-    events: asyncio.Queue  # ("tokens", [ids], finish_reason | None) or ("error", message)
+    events: asyncio.Queue  # ("tokens", [ids], finish_reason | None, logprobs | None) or ("error", message, status)
     arrival: float = dataclasses.field(default_factory=time.monotonic)
     output_ids: list[int] = dataclasses.field(default_factory=list)
     attempt: int = 0
@@ -63,6 +63,10 @@ class RequestState:
     num_cached_tokens: int = 0
     rejected_by: set[str] = dataclasses.field(default_factory=set)
     migrations: int = 0
+    # requests (the other choices of an n > 1 request) dispatched once this one's prompt KV exists, to the same
+    # workers, so they reuse its prompt blocks from both prefix caches instead of computing them again
+    followers: list["RequestState"] = dataclasses.field(default_factory=list)
+    preferred: tuple[Worker | None, Worker | None] = (None, None)  # (decode, prefill) to use when alive
 
     @property
     def attempt_id(self) -> str:
@@ -216,6 +220,8 @@ class Cluster:
 
     # --- routing --------------------------------------------------------------------------------------------
     def _pick_decode(self, req: RequestState) -> Worker | None:
+        if req.preferred[0] is not None and req.preferred[0].alive and req.attempt == 0:
+            return req.preferred[0]
         candidates = [w for w in self.alive(DECODE) if w.worker_id not in req.rejected_by]
         return min(candidates, key=lambda w: (len(w.inflight), -w.load.free_blocks, w.assigned), default=None)
 
@@ -252,6 +258,26 @@ class Cluster:
         await self._dispatch(req, wait_s=0.0)
         return req
 
+    def fork(self, parent: RequestState, request_id: str, params: SamplingParams) -> RequestState:
+        """Another choice of parent's prompt: dispatched when parent's first token arrives (or it ends)."""
+        req = RequestState(request_id, parent.prompt_ids, params, asyncio.Queue())
+        parent.followers.append(req)
+        return req
+
+    def _release_followers(self, req: RequestState):
+        followers, req.followers = req.followers, []
+        for f in followers:
+            f.preferred = (req.decode, req.prefill)
+            asyncio.create_task(self._dispatch_or_fail(f))
+
+    async def _dispatch_or_fail(self, req: RequestState):
+        if req.done:  # aborted (the client left) before its turn came
+            return
+        try:
+            await self._dispatch(req, wait_s=self.migrate_wait_s)
+        except ClusterError as e:
+            self._fail(req, str(e))
+
     def _missing_roles(self) -> str:
         missing = [r for r in (PREFILL, DECODE) if not self.alive(r)]
         return f"no live {' or '.join(missing)} worker in the cluster" if missing else "cluster unavailable"
@@ -262,13 +288,13 @@ class Cluster:
         while True:
             decode = self._pick_decode(req)
             prefill, hashes = self._pick_prefill(req.prompt_ids + req.output_ids)
+            if req.preferred[1] is not None and req.preferred[1].alive and req.attempt == 0:
+                prefill = req.preferred[1]
             if decode is not None and prefill is not None:
                 break
             if time.monotonic() >= deadline:
                 raise ClusterError(self._missing_roles())
             await asyncio.sleep(0.1)
-        remaining = None if req.params.max_tokens is None else req.params.max_tokens - len(req.output_ids)
-        params = dataclasses.replace(req.params, max_tokens=remaining)
         req.decode, req.prefill, req.in_prefill = decode, prefill, True
         self.requests[req.attempt_id] = req
         decode.inflight.add(req.attempt_id)
@@ -276,8 +302,8 @@ class Cluster:
         decode.assigned += 1
         prefill.assigned += 1
         self._remember_prefix(prefill, hashes)
-        sent = await self._send(decode, Admit(req.attempt_id, req.prompt_ids + req.output_ids, params,
-                                              prefill.worker_id, prefill.info.inbox))
+        sent = await self._send(decode, Admit(req.attempt_id, req.prompt_ids + req.output_ids, req.params,
+                                              prefill.worker_id, prefill.info.inbox, len(req.output_ids)))
         if not sent:
             await self._declare_dead(decode, "its control socket is gone")
 
@@ -339,15 +365,17 @@ class Cluster:
             req.prefill.inflight.discard(req.attempt_id)
             if not req.output_ids:  # the prefill of the client's prompt, not of a migration
                 req.num_cached_tokens = max(out.num_cached_tokens, 0)
+            self._release_followers(req)
         req.output_ids.extend(out.token_ids)
         if out.finish_reason is not None:
             req.done = True
             self._detach(req)
-        req.events.put_nowait(("tokens", out.token_ids, out.finish_reason))
+        req.events.put_nowait(("tokens", out.token_ids, out.finish_reason, out.logprobs))
 
     def _fail(self, req: RequestState, message: str, status: int = 503):
         req.done = True
         self._detach(req)
+        self._release_followers(req)
         req.events.put_nowait(("error", message, status))
 
     async def abort(self, req: RequestState):
@@ -356,6 +384,7 @@ class Cluster:
             return
         req.done = True
         self._detach(req)
+        self._release_followers(req)
         abort = Abort([req.attempt_id])
         for worker in (req.decode, req.prefill if req.in_prefill else None):
             if worker is not None and worker.alive:

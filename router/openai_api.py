@@ -5,14 +5,16 @@ field; unknown fields are ignored, as OpenAI does.
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 
 import msgspec
 
 from common.errors import InvalidRequestError
-from common.sampling_params import SamplingParams
+from common.sampling_params import MAX_LOGPROBS, SamplingParams
 
 MAX_STOP_STRINGS = 4
+MAX_CHOICES = 16
 
 
 class APIError(Exception):
@@ -61,6 +63,7 @@ class ChatCompletionRequest(msgspec.Struct):
     n: int | None = None
     logprobs: bool | None = None
     top_logprobs: int | None = None
+    logit_bias: dict[str, float] | None = None
     user: str | None = None
     # extensions vLLM accepts too
     top_k: int | None = None
@@ -91,10 +94,18 @@ def parse_chat_request(body: bytes) -> ChatCompletionRequest:
         if isinstance(m.content, list) and any(p.type != "text" or p.text is None for p in m.content):
             raise APIError(400, f"messages[{i}].content: only text parts are supported",
                            param=f"messages[{i}].content")
-    if req.n not in (None, 1):
-        raise APIError(400, "n > 1 is not supported yet", param="n")
-    if req.logprobs:
-        raise APIError(400, "logprobs are not supported yet", param="logprobs")
+    if req.n is not None and not 1 <= req.n <= MAX_CHOICES:
+        raise APIError(400, f"n must be in [1, {MAX_CHOICES}], got {req.n}", param="n")
+    if req.top_logprobs is not None:
+        if not req.logprobs:
+            raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
+        if not 0 <= req.top_logprobs <= MAX_LOGPROBS:
+            raise APIError(400, f"top_logprobs must be in [0, {MAX_LOGPROBS}], got {req.top_logprobs}",
+                           param="top_logprobs")
+    for key, value in (req.logit_bias or {}).items():
+        if not key.isdigit() or not -100 <= value <= 100:
+            raise APIError(400, f"logit_bias maps token ids (as strings) to values in [-100, 100]; got "
+                                f"{key!r}: {value}", param="logit_bias")
     stops = [req.stop] if isinstance(req.stop, str) else (req.stop or [])
     if len(stops) > MAX_STOP_STRINGS or any(not s for s in stops):
         raise APIError(400, f"stop takes at most {MAX_STOP_STRINGS} non-empty strings", param="stop")
@@ -144,7 +155,9 @@ def sampling_params(req: ChatCompletionRequest, prompt_len: int, max_model_len: 
     if req.temperature is not None and not 0 <= req.temperature <= 2:
         raise APIError(400, f"temperature must be in [0, 2], got {req.temperature}", param="temperature")
     values = {"temperature": 1.0 if req.temperature is None else req.temperature, "max_tokens": max_tokens or room,
-              "ignore_eos": req.ignore_eos, "seed": req.seed, "stop_token_ids": req.stop_token_ids or []}
+              "ignore_eos": req.ignore_eos, "seed": req.seed, "stop_token_ids": req.stop_token_ids or [],
+              "logprobs": (req.top_logprobs or 0) if req.logprobs else None,
+              "logit_bias": {int(k): v for k, v in req.logit_bias.items()} if req.logit_bias else None}
     for name in ("top_p", "presence_penalty", "frequency_penalty", "top_k", "min_p", "repetition_penalty"):
         if getattr(req, name) is not None:
             values[name] = getattr(req, name)
@@ -152,6 +165,13 @@ def sampling_params(req: ChatCompletionRequest, prompt_len: int, max_model_len: 
         return SamplingParams(**values)
     except InvalidRequestError as e:
         raise APIError(400, str(e)) from None
+
+
+def choice_params(params: SamplingParams, index: int) -> SamplingParams:
+    """Choice i of an n > 1 request: with a seed, its own derived seed, so the choices differ yet repeat."""
+    if params.seed is None or index == 0:
+        return params
+    return dataclasses.replace(params, seed=(params.seed * 1_000_003 + index) % 2**63)
 
 
 def completion_id() -> str:
@@ -165,16 +185,36 @@ def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> dic
             "prompt_tokens_details": {"cached_tokens": cached_tokens}}
 
 
-def chunk(request_id: str, model: str, created: int, delta: dict, finish_reason: str | None = None) -> dict:
+def chunk(request_id: str, model: str, created: int, index: int, delta: dict, finish_reason: str | None = None,
+          logprobs: list[dict] | None = None) -> dict:
     return {"id": request_id, "object": "chat.completion.chunk", "created": created, "model": model,
-            "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}]}
+            "choices": [{"index": index, "delta": delta,
+                         "logprobs": None if logprobs is None else {"content": logprobs},
+                         "finish_reason": finish_reason}]}
 
 
-def completion(request_id: str, model: str, created: int, text: str, finish_reason: str, usage_: dict) -> dict:
-    return {"id": request_id, "object": "chat.completion", "created": created, "model": model,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
-                         "finish_reason": finish_reason}],
+def completion(request_id: str, model: str, created: int, choices: list[dict], usage_: dict) -> dict:
+    return {"id": request_id, "object": "chat.completion", "created": created, "model": model, "choices": choices,
             "usage": usage_}
+
+
+def choice(index: int, text: str, finish_reason: str, logprobs: list[dict] | None) -> dict:
+    return {"index": index, "message": {"role": "assistant", "content": text},
+            "logprobs": None if logprobs is None else {"content": logprobs}, "finish_reason": finish_reason}
+
+
+def logprob_entries(tokenizer, token_ids: list[int], entries: list[dict[int, float]], top_n: int) -> list[dict]:
+    """OpenAI's logprobs.content items: the sampled token, its logprob, and the top_n alternatives."""
+    def item(token_id: int, logprob: float) -> dict:
+        text = tokenizer.decode([token_id])
+        return {"token": text, "logprob": max(logprob, -9999.0), "bytes": list(text.encode("utf-8"))}
+
+    out = []
+    for token_id, entry in zip(token_ids, entries):
+        top = sorted(entry.items(), key=lambda kv: -kv[1])[:top_n]
+        out.append({**item(token_id, entry.get(token_id, float("-inf"))),
+                    "top_logprobs": [item(t, lp) for t, lp in top]})
+    return out
 
 
 def now() -> int:

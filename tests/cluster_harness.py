@@ -91,6 +91,17 @@ class LocalCluster:
         except urllib.error.HTTPError as e:
             return e.code, e.read()
 
+    def post(self, path: str, body, headers: dict | None = None, raw: bool = False):
+        """(status, response headers, decoded JSON body) of a POST; HTTP errors are returned, not raised."""
+        data = body if raw else json.dumps(body).encode()
+        req = urllib.request.Request(self.base_url + path, data=data,
+                                     headers={"Content-Type": "application/json", **(headers or {})})
+        try:
+            with urllib.request.urlopen(req, timeout=60) as r:
+                return r.status, {k.lower(): v for k, v in r.headers.items()}, json.loads(r.read())
+        except urllib.error.HTTPError as e:
+            return e.code, {k.lower(): v for k, v in e.headers.items()}, json.loads(e.read())
+
     def _router_up(self) -> bool:
         try:
             self.get("/health")
@@ -124,10 +135,10 @@ class LocalCluster:
             time.sleep(0.1)
         raise TimeoutError(f"timed out waiting for {what}; logs in {self.log_dir}")
 
-    def openai(self, **kw):
+    def openai(self, api_key: str = "unused", **kw):
         import openai
 
-        return openai.OpenAI(base_url=self.base_url + "/v1", api_key="unused", max_retries=0, timeout=120, **kw)
+        return openai.OpenAI(base_url=self.base_url + "/v1", api_key=api_key, max_retries=0, timeout=120, **kw)
 
     def close(self):
         everyone = [p for procs in self.procs.values() for p in procs]

@@ -17,12 +17,25 @@ from pathlib import Path
 
 import pytest
 
-fastapi = pytest.importorskip("fastapi")
-uvicorn = pytest.importorskip("uvicorn")
+import fastapi  # noqa: E402
+import uvicorn  # noqa: E402
 from fastapi.responses import JSONResponse, StreamingResponse  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-import serving  # noqa: E402
+
+def _load_serving():
+    """benchmarks/ is not a package; load the script by path. Putting benchmarks/ on sys.path instead would shadow
+    the kv_transfer package with benchmarks/kv_transfer.py in every process spawned later in the session."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "serving.py"
+    spec = importlib.util.spec_from_file_location("serving", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["serving"] = module  # dataclasses resolve their module by name
+    spec.loader.exec_module(module)
+    return module
+
+
+serving = _load_serving()
 
 FIRST_DELAY_S = 0.05
 GAP_S = 0.01

@@ -1,7 +1,9 @@
 """Batched sampling: penalties, temperature, top-k, top-p, min-p, seeded draws and top-N logprobs.
 
-Everything is one tensor op over the batch; the only per-sequence work is drawing noise for seeded requests
-from their own generator, so a seed gives the same tokens whatever else shares the batch.
+Everything is one tensor op over the batch; the only per-sequence work is drawing noise for seeded requests.
+A seeded draw depends only on (seed, position of the token drawn): a seed gives the same tokens whatever else
+shares the batch, and whichever process samples a position (prefill worker, decode worker, a worker a request
+migrated to, or the colocated engine), so seeded output is the same at every cluster size.
 """
 import torch
 
@@ -53,11 +55,33 @@ def _filter(logits: torch.Tensor, p: dict[str, torch.Tensor]) -> torch.Tensor:
     return logits.masked_fill(logits < threshold, float("-inf"))
 
 
+def _position_seed(seed: int, position: int) -> int:
+    """A well-mixed 63-bit seed per (request seed, token position): splitmix64's finaliser."""
+    x = (seed * 0x9E3779B97F4A7C15 + position + 1) & 0xFFFFFFFFFFFFFFFF
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
+    return (x ^ (x >> 31)) >> 1
+
+
+def _apply_logit_bias(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+    rows, cols, values = [], [], []
+    for i, s in enumerate(seqs):
+        for token, bias in (s.params.logit_bias or {}).items():
+            rows.append(i)
+            cols.append(token)
+            values.append(bias)
+    bias = torch.zeros_like(logits)
+    bias[torch.tensor(rows), torch.tensor(cols)] = torch.tensor(values, dtype=logits.dtype)
+    return logits + bias
+
+
 def sample(logits: torch.Tensor, seqs: list[Sequence]) -> tuple[list[int], list[dict[int, float] | None]]:
     """logits: [len(seqs), vocab] float32. Returns one token per sequence and its logprobs entry."""
     p = _sequence_params(seqs, logits.device)
     want_logprobs = [s.params.logprobs is not None for s in seqs]
     raw_logprobs = logits.log_softmax(-1) if any(want_logprobs) else None
+    if any(s.params.logit_bias for s in seqs):
+        logits = _apply_logit_bias(logits, seqs)
     if any(s.params.has_penalties for s in seqs):
         logits = _apply_penalties(logits, seqs, p)
     tokens = logits.argmax(-1)
@@ -71,9 +95,9 @@ def sample(logits: torch.Tensor, seqs: list[Sequence]) -> tuple[list[int], list[
         for j, i in enumerate(sampled_rows):
             seq = seqs[i]
             if seq.params.seed is not None:
-                if seq.generator is None:
-                    seq.generator = torch.Generator(device=logits.device).manual_seed(seq.params.seed)
-                noise[j].exponential_(generator=seq.generator)
+                generator = torch.Generator(device=logits.device).manual_seed(_position_seed(seq.params.seed,
+                                                                                              seq.num_tokens))
+                noise[j].exponential_(generator=generator)
         # argmax(p / E) with E ~ Exp(1) draws from p (the exponential race)
         tokens[rows] = (probs / noise).argmax(-1)
     token_list = tokens.tolist()
