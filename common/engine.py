@@ -40,6 +40,7 @@ class LLMEngine:
         self.vocab_size = config.hf_config.vocab_size
         self.num_prefill_tokens_computed = 0
         self.num_decode_tokens_computed = 0
+        self._grammar_compiler = None  # made on the first request with a grammar (loads the tokenizer)
 
     def add_request(self, token_ids: list[int], params: SamplingParams, request_id: str | None = None) -> Sequence:
         seq = self.new_sequence(token_ids, params, request_id)
@@ -69,8 +70,23 @@ class LLMEngine:
                                       f"({self.block_manager.num_blocks} blocks of {self.config.block_size})")
         seq = Sequence(token_ids, params, request_id)
         seq.num_prompt_tokens -= num_generated
+        if params.grammar is not None:
+            seq.grammar = self._grammar_matcher(params.grammar, seq.output_token_ids)
         return seq
 
+    def _grammar_matcher(self, spec, generated: list[int]):
+        from common.grammar import GrammarCompiler, GrammarMatcher
+
+        if self._grammar_compiler is None:
+            from transformers import AutoTokenizer
+            self._grammar_compiler = GrammarCompiler(AutoTokenizer.from_pretrained(self.config.model),
+                                                     self.vocab_size, sorted(self.eos_ids))
+        matcher = GrammarMatcher(self._grammar_compiler.compile(spec))
+        try:
+            matcher.replay(generated)  # a migrated request resumes its grammar where it was
+        except ValueError as e:
+            raise InvalidRequestError(f"the tokens generated so far do not fit the grammar: {e}") from None
+        return matcher
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
 
@@ -90,7 +106,7 @@ class LLMEngine:
             seq.num_computed_tokens += n
             self.block_manager.publish_computed(seq)
         for seq, token, entry in zip(seqs, tokens, logprobs):
-            seq.token_ids.append(token)
+            self._append(seq, token)
             if seq.logprobs is not None:
                 seq.logprobs.append(entry)
             reason = self._finish_reason(seq, token)
@@ -128,7 +144,7 @@ class LLMEngine:
         decode. Returns a finish reason when that token already ends it (the blocks are then freed)."""
         seq.num_computed_tokens = seq.num_tokens
         self.block_manager.publish_computed(seq)
-        seq.token_ids.append(first_token)
+        self._append(seq, first_token)
         seq.status = SequenceStatus.RUNNING
         self.scheduler.running.append(seq)
         reason = self._finish_reason(seq, first_token)
@@ -136,10 +152,17 @@ class LLMEngine:
             self.scheduler.finish(seq, reason)
         return reason
 
+    def _append(self, seq: Sequence, token: int):
+        seq.token_ids.append(token)
+        if seq.grammar is not None:
+            seq.grammar.accept(token)
+
     def _finish_reason(self, seq: Sequence, token: int) -> str | None:
         p = seq.params
         if token in p.stop_token_ids or (not p.ignore_eos and token in self.eos_ids):
             return "stop"
+        if seq.grammar is not None and seq.grammar.is_terminated():
+            return "stop"  # the output is complete; the grammar would only allow a stop token now
         if (p.max_tokens is not None and seq.num_output_tokens >= p.max_tokens) \
                 or seq.num_tokens >= self.config.max_model_len:
             return "length"

@@ -13,11 +13,11 @@ import re
 import threading
 from collections import OrderedDict
 
-import msgspec
 import torch
 import xgrammar as xgr
 
 from common.errors import InvalidRequestError
+from common.sampling_params import GrammarSpec
 
 KINDS = ("json_schema", "json_object", "structural_tag", "regex", "ebnf")
 
@@ -27,12 +27,6 @@ MAX_WHITESPACE = 16
 
 TOOL_CALL_BEGIN = "<tool_call>"
 TOOL_CALL_END = "}\n</tool_call>"
-
-
-class GrammarSpec(msgspec.Struct, frozen=True):
-    kind: str  # one of KINDS
-    spec: str  # schema / structural-tag JSON / regex / EBNF text; "" for json_object
-    strict: bool = True  # json_schema: properties not in the schema are not allowed
 
 
 class CompiledGrammar:
@@ -180,7 +174,8 @@ def structural_tag_for_tools(tools: list[dict], mode: str) -> GrammarSpec:
     <tool_call>\\n{"name": "<name>", "arguments": <args>}\\n</tool_call>
 
     mode: "auto" (free text; any <tool_call> must be well formed), "required" (only calls, at
-    least one, whitespace between them) or "named:<fn>" (exactly one call of fn).
+    least one, whitespace between them), "required_one" (exactly one call, of any tool: OpenAI's
+    parallel_tool_calls=false) or "named:<fn>" (exactly one call of fn).
     """
     tags = {}
     for tool in tools:
@@ -202,6 +197,8 @@ def structural_tag_for_tools(tools: list[dict], mode: str) -> GrammarSpec:
 
     if mode == "auto":
         fmt = {"type": "triggered_tags", "triggers": [TOOL_CALL_BEGIN], "tags": list(tags.values())}
+    elif mode == "required_one":
+        fmt = {"type": "or", "elements": list(tags.values())}
     elif mode == "required":
         # triggered_tags with at_least_one would still allow free text around the calls, so this
         # is a call followed by any number of (whitespace, call); whitespace is spelled with
@@ -217,7 +214,7 @@ def structural_tag_for_tools(tools: list[dict], mode: str) -> GrammarSpec:
             raise InvalidRequestError(f"tool_choice names function {name!r}, which is not in tools")
         fmt = tags[name]
     else:
-        raise InvalidRequestError(f"unknown tool mode {mode!r}; expected auto, required or named:<fn>")
+        raise InvalidRequestError(f"unknown tool mode {mode!r}; expected auto, required, required_one or named:<fn>")
     return GrammarSpec("structural_tag", json.dumps({"type": "structural_tag", "format": fmt}))
 
 

@@ -94,5 +94,13 @@ class ModelRunner:
         if not seqs:
             return [], [], []
         logits = self.model.compute_logits(hidden[rows]).float()
+        constrained = [i for i, s in enumerate(seqs) if s.grammar is not None]
+        if constrained:
+            from common.grammar import allocate_bitmask, apply_bitmask
+
+            bitmask = allocate_bitmask(len(seqs), logits.shape[1])
+            for i in constrained:
+                seqs[i].grammar.fill_bitmask(bitmask, i)
+            apply_bitmask(logits, bitmask, constrained)
         tokens, logprobs = sample(logits, seqs)
         return seqs, tokens, logprobs

@@ -1,9 +1,19 @@
 """Per-request sampling settings, validated at construction so bad values never reach a worker."""
 from dataclasses import dataclass, field
 
+import msgspec
+
 from common.errors import InvalidRequestError
 
 MAX_LOGPROBS = 20
+
+
+class GrammarSpec(msgspec.Struct, frozen=True):
+    """A constraint on the output (structured outputs, forced tool calls), compiled by common.grammar where used;
+    plain data here so it rides the wire and the router can hold one without importing xgrammar."""
+    kind: str  # "json_schema" | "json_object" | "structural_tag" | "regex" | "ebnf"
+    spec: str  # schema / structural-tag JSON / regex / EBNF text; "" for json_object
+    strict: bool = True  # json_schema: properties not in the schema are not allowed
 
 
 @dataclass
@@ -21,6 +31,7 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     logprobs: int | None = None  # top-N logprobs per generated token
     logit_bias: dict[int, float] | None = None  # token id -> added to its logit (OpenAI: -100..100)
+    grammar: GrammarSpec | None = None  # the output must match it (token masks while sampling)
 
     def __post_init__(self):
         def check(ok: bool, msg: str):

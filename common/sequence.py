@@ -30,6 +30,7 @@ class Sequence:
         self._hashes: list[int] = []
         self.finish_reason: str | None = None
         self.logprobs: list[dict[int, float]] | None = [] if params.logprobs is not None else None
+        self.grammar = None  # common.grammar.GrammarMatcher when params.grammar is set
 
     @property
     def num_tokens(self) -> int:

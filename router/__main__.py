@@ -3,6 +3,7 @@
 Workers join by starting with --router HOST:CONTROL_PORT; the router needs no list of them.
 """
 import argparse
+import json
 import logging
 import os
 
@@ -27,6 +28,10 @@ def main(argv=None):
     ap.add_argument("--api-key", default=os.environ.get("NANO_PD_API_KEY"),
                     help="require 'Authorization: Bearer KEY' on /v1 routes (default: $NANO_PD_API_KEY)")
     ap.add_argument("--max-request-bytes", type=int, default=4 * 2**20, help="largest request body accepted")
+    ap.add_argument("--reasoning-parser", default=None, choices=["deepseek_r1", "qwen3"],
+                    help="split <think>...</think> into reasoning_content (default: no split)")
+    ap.add_argument("--tool-call-parser", default="hermes", choices=["hermes"],
+                    help="the tool-call format the model writes")
     ap.add_argument("--log-level", default="info")
     args = ap.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s router %(levelname)s %(message)s")
@@ -48,8 +53,11 @@ def main(argv=None):
     metrics = RouterMetrics(name)
     cluster = Cluster(name, args.control_host or args.host, args.control_port or args.port + 100,
                       heartbeat_timeout_s=args.heartbeat_timeout, migrate_wait_s=args.migrate_wait, metrics=metrics)
+    with open(os.path.join(folder, "config.json")) as f:
+        vocab_size = json.load(f).get("vocab_size")  # the model's, which may exceed the tokenizer's
     app = create_app(cluster, tokenizer, name, metrics, request_timeout_s=args.request_timeout,
-                     api_key=args.api_key, max_request_bytes=args.max_request_bytes)
+                     api_key=args.api_key, max_request_bytes=args.max_request_bytes, vocab_size=vocab_size,
+                     reasoning_parser=args.reasoning_parser, tool_parser=args.tool_call_parser)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=5)
 
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import hmac
 import json
 import logging
@@ -12,9 +13,13 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from common.errors import InvalidRequestError
 from router import openai_api as api
 from router.cluster import Cluster, ClusterError, RequestState
 from router.detokenizer import IncrementalDetokenizer
+from router.output import OutputParser
+from router.reasoning import get_reasoning_parser
+from router.tool_parsers import get_tool_parser
 from router.router_metrics import RouterMetrics
 
 log = logging.getLogger("nano_pd.router")
@@ -26,7 +31,11 @@ def error_response(status: int, message: str, type: str = "invalid_request_error
 
 def create_app(cluster: Cluster, tokenizer, model_name: str, metrics: RouterMetrics,
                request_timeout_s: float = 600.0, api_key: str | None = None,
-               max_request_bytes: int = 4 * 2**20) -> FastAPI:
+               max_request_bytes: int = 4 * 2**20, vocab_size: int | None = None,
+               reasoning_parser: str | None = None, tool_parser: str = "hermes") -> FastAPI:
+    vocab_size = vocab_size or len(tokenizer)
+    reasoning_cls = get_reasoning_parser(reasoning_parser) if reasoning_parser else None
+    tool_cls = get_tool_parser(tool_parser)
     @contextlib.asynccontextmanager
     async def lifespan(_app):
         await cluster.start()
@@ -96,13 +105,18 @@ def create_app(cluster: Cluster, tokenizer, model_name: str, metrics: RouterMetr
         max_model_len = cluster.max_model_len
         if max_model_len is None or not cluster.healthy:
             raise api.APIError(503, cluster._missing_roles(), "service_unavailable")
+        use_tools = api.tools_active(req)
         try:
-            prompt = tokenizer.apply_chat_template(api.chat_messages(req), add_generation_prompt=True,
-                                                   tokenize=False)
+            prompt = tokenizer.apply_chat_template(
+                api.chat_messages(req), tools=api.tool_dicts(req) if use_tools else None,
+                add_generation_prompt=True, tokenize=False, **(req.chat_template_kwargs or {}))
         except Exception as e:  # jinja raises for conversations a template refuses (e.g. role order)
             raise api.APIError(400, f"the chat template cannot render these messages: {e}", param="messages")
         prompt_ids = tokenizer.encode(prompt, add_special_tokens=False)
         params = api.sampling_params(req, len(prompt_ids), max_model_len)
+        grammar = await request_grammar(req)
+        if grammar is not None:
+            params = dataclasses.replace(params, grammar=grammar)
         request_id = api.completion_id()
         try:
             first = await cluster.submit(f"{request_id}-0", prompt_ids, params)
@@ -113,6 +127,8 @@ def create_app(cluster: Cluster, tokenizer, model_name: str, metrics: RouterMetr
         runs = [Generation(cluster, metrics, s, IncrementalDetokenizer(tokenizer, api.stop_strings(req),
                                                                        req.skip_special_tokens), request_timeout_s)
                 for s in states]
+        parsers = [OutputParser(reasoning_cls.for_prompt(prompt) if reasoning_cls else None,
+                                tool_cls() if use_tools else None) for _ in states]
         top_n = req.top_logprobs or 0 if req.logprobs else None
         created = api.now()
         if not req.stream:
@@ -121,19 +137,50 @@ def create_app(cluster: Cluster, tokenizer, model_name: str, metrics: RouterMetr
             finally:
                 for run in runs:
                     run.close()
-            choices = [api.choice(i, text, run.finish_reason, None if top_n is None else
-                                  api.logprob_entries(tokenizer, ids, entries, top_n))
-                       for i, (run, (text, ids, entries)) in enumerate(zip(runs, results))]
+            choices = []
+            for i, (run, parser, (text, ids, entries)) in enumerate(zip(runs, parsers, results)):
+                message = parser.message(text)
+                choices.append(api.choice(i, message, parser.finish_reason(run.finish_reason), None if top_n is None
+                                          else api.logprob_entries(tokenizer, ids, entries, top_n)))
             return api.completion(request_id, model_name, created, choices, usage(runs))
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        return StreamingResponse(stream(runs, request_id, created, include_usage, top_n),
+        return StreamingResponse(stream(runs, parsers, request_id, created, include_usage, top_n),
                                  media_type="text/event-stream")
+
+    async def request_grammar(req) -> "GrammarSpec | None":
+        """The output constraint of a request: response_format / structured_outputs, or the tool-call syntax that
+        tool_choice enforces; a 400 if it does not compile, before any worker spends compute."""
+        grammar, param = api.grammar_spec(req), "response_format"
+        mode = api.tool_grammar_mode(req)
+        if mode is not None:
+            if grammar is not None:
+                raise api.APIError(400, "response_format cannot be combined with tool_choice required, a named "
+                                        "function or strict tools", param="response_format")
+            from common.grammar import structural_tag_for_tools
+
+            try:
+                grammar, param = structural_tag_for_tools(api.tool_dicts(req), mode), "tools"
+            except InvalidRequestError as e:
+                raise api.APIError(400, str(e), param="tools") from None
+        if grammar is not None:
+            await check_grammar(grammar, param)
+        return grammar
+
+    async def check_grammar(spec, param: str):
+        """A grammar that does not compile is the client's 400, found before any worker spends compute."""
+        from common.grammar import validate
+
+        try:
+            await asyncio.to_thread(validate, spec, tokenizer, vocab_size)
+        except InvalidRequestError as e:
+            raise api.APIError(400, str(e), param=param) from None
 
     def usage(runs: list["Generation"]) -> dict:
         first = runs[0].state
         return api.usage(len(first.prompt_ids), sum(len(r.state.output_ids) for r in runs), first.num_cached_tokens)
 
-    async def stream(runs: list["Generation"], request_id: str, created: int, include_usage: bool, top_n):
+    async def stream(runs: list["Generation"], parsers: list[OutputParser], request_id: str, created: int,
+                     include_usage: bool, top_n):
         def sse(obj) -> str:
             return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
@@ -161,13 +208,20 @@ def create_app(cluster: Cluster, tokenizer, model_name: str, metrics: RouterMetr
                     yield sse(item.body())
                     yield "data: [DONE]\n\n"
                     return
+                parser = parsers[index]
                 if item is None:
                     pending -= 1
-                    yield chunk(index, {}, runs[index].finish_reason)
+                    for delta in parser.finish():
+                        yield chunk(index, delta)
+                    yield chunk(index, {}, parser.finish_reason(runs[index].finish_reason))
                     continue
                 text, ids, entries = item
                 logprobs = None if top_n is None else api.logprob_entries(tokenizer, ids, entries, top_n)
-                yield chunk(index, {"content": text}, logprobs=logprobs)
+                deltas = parser.feed(text) if text else []
+                if logprobs is not None and not deltas:
+                    deltas = [{"content": ""}]  # the tokens' logprobs go out even while their text is held back
+                for j, delta in enumerate(deltas):
+                    yield chunk(index, delta, logprobs=logprobs if j == 0 else None)
             if include_usage:
                 yield sse({"id": request_id, "object": "chat.completion.chunk", "created": created,
                            "model": model_name, "choices": [], "usage": usage(runs)})

@@ -6,12 +6,14 @@ field; unknown fields are ignored, as OpenAI does.
 from __future__ import annotations
 
 import dataclasses
+import json
+import re
 import time
 
 import msgspec
 
 from common.errors import InvalidRequestError
-from common.sampling_params import MAX_LOGPROBS, SamplingParams
+from common.sampling_params import MAX_LOGPROBS, GrammarSpec, SamplingParams
 
 MAX_STOP_STRINGS = 4
 MAX_CHOICES = 16
@@ -37,14 +39,69 @@ class ContentPart(msgspec.Struct):
     text: str | None = None
 
 
+class FunctionCall(msgspec.Struct):
+    name: str
+    arguments: str
+
+
+class MessageToolCall(msgspec.Struct):
+    function: FunctionCall
+    id: str | None = None
+    type: str = "function"
+
+
 class Message(msgspec.Struct):
     role: str
     content: str | list[ContentPart] | None = None
     name: str | None = None
+    tool_calls: list[MessageToolCall] | None = None
+    tool_call_id: str | None = None
+    reasoning_content: str | None = None  # earlier thoughts, under either name clients use
+    reasoning: str | None = None
+
+
+class FunctionDef(msgspec.Struct):
+    name: str
+    description: str | None = None
+    parameters: dict | None = None
+    strict: bool | None = None
+
+
+class Tool(msgspec.Struct):
+    function: FunctionDef
+    type: str = "function"
+
+
+class NamedFunction(msgspec.Struct):
+    name: str
+
+
+class NamedToolChoice(msgspec.Struct):
+    function: NamedFunction
+    type: str = "function"
+
+
+class StructuredOutputs(msgspec.Struct):
+    """vLLM's extension for constraints response_format cannot say."""
+    regex: str | None = None
+    json: dict | None = None
+    grammar: str | None = None
 
 
 class StreamOptions(msgspec.Struct):
     include_usage: bool = False
+
+
+class JsonSchemaFormat(msgspec.Struct):
+    name: str | None = None
+    schema: dict | bool | None = None
+    strict: bool | None = None
+    description: str | None = None
+
+
+class ResponseFormat(msgspec.Struct):
+    type: str
+    json_schema: JsonSchemaFormat | None = None
 
 
 class ChatCompletionRequest(msgspec.Struct):
@@ -64,6 +121,12 @@ class ChatCompletionRequest(msgspec.Struct):
     logprobs: bool | None = None
     top_logprobs: int | None = None
     logit_bias: dict[str, float] | None = None
+    response_format: ResponseFormat | None = None
+    tools: list[Tool] | None = None
+    tool_choice: str | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None
+    chat_template_kwargs: dict | None = None
+    structured_outputs: StructuredOutputs | None = None
     user: str | None = None
     # extensions vLLM accepts too
     top_k: int | None = None
@@ -106,10 +169,62 @@ def parse_chat_request(body: bytes) -> ChatCompletionRequest:
         if not key.isdigit() or not -100 <= value <= 100:
             raise APIError(400, f"logit_bias maps token ids (as strings) to values in [-100, 100]; got "
                                 f"{key!r}: {value}", param="logit_bias")
+    _check_tools(req)
     stops = [req.stop] if isinstance(req.stop, str) else (req.stop or [])
     if len(stops) > MAX_STOP_STRINGS or any(not s for s in stops):
         raise APIError(400, f"stop takes at most {MAX_STOP_STRINGS} non-empty strings", param="stop")
     return req
+
+
+TOOL_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+
+
+def _check_tools(req: ChatCompletionRequest):
+    names = []
+    for i, tool in enumerate(req.tools or []):
+        fn = tool.function
+        if tool.type != "function":
+            raise APIError(400, f"tools[{i}].type must be 'function'", param=f"tools[{i}].type")
+        if not TOOL_NAME.match(fn.name):
+            raise APIError(400, f"tools[{i}].function.name must be 1-64 letters, digits, '_' or '-'",
+                           param=f"tools[{i}].function.name")
+        if fn.parameters is not None and fn.parameters.get("type", "object") != "object":
+            raise APIError(400, f"tools[{i}].function.parameters must be a JSON schema of an object",
+                           param=f"tools[{i}].function.parameters")
+        names.append(fn.name)
+    if len(set(names)) != len(names):
+        raise APIError(400, "tool names must be unique", param="tools")
+    choice = req.tool_choice
+    if isinstance(choice, str) and choice not in ("none", "auto", "required"):
+        raise APIError(400, f"tool_choice must be none, auto, required or a named function, got {choice!r}",
+                       param="tool_choice")
+    if choice is not None and choice != "none" and not names:
+        raise APIError(400, "tool_choice needs tools", param="tool_choice")
+    if isinstance(choice, NamedToolChoice) and choice.function.name not in names:
+        raise APIError(400, f"tool_choice names {choice.function.name!r}, which is not in tools",
+                       param="tool_choice")
+
+
+def tools_active(req: ChatCompletionRequest) -> bool:
+    return bool(req.tools) and req.tool_choice != "none"
+
+
+def tool_grammar_mode(req: ChatCompletionRequest) -> str | None:
+    """How tool calls are enforced: "required" ("required_one" without parallel calls), "named:<fn>", "auto"
+    (calls that appear must be valid; asked for with strict tools), or None (not enforced)."""
+    if not tools_active(req):
+        return None
+    if isinstance(req.tool_choice, NamedToolChoice):
+        return f"named:{req.tool_choice.function.name}"
+    if req.tool_choice == "required":
+        return "required_one" if req.parallel_tool_calls is False else "required"
+    return "auto" if any(t.function.strict for t in req.tools) else None
+
+
+def tool_dicts(req: ChatCompletionRequest) -> list[dict]:
+    """Tools as the client wrote them (fields it left out stay out of the rendered prompt)."""
+    return [{"type": t.type, "function": {k: v for k, v in msgspec.to_builtins(t.function).items() if v is not None}}
+            for t in req.tools or []]
 
 
 def _param_of(validation_message: str) -> str | None:
@@ -118,22 +233,64 @@ def _param_of(validation_message: str) -> str | None:
     return where.rstrip("`") if sep else None
 
 
+def grammar_spec(req: ChatCompletionRequest) -> GrammarSpec | None:
+    """The output constraint response_format (or vLLM's structured_outputs) asks for; not yet checked to compile
+    (see common.grammar.validate)."""
+    so = req.structured_outputs
+    if so is not None:
+        given = [k for k in ("regex", "json", "grammar") if getattr(so, k) is not None]
+        if len(given) != 1:
+            raise APIError(400, "structured_outputs takes exactly one of regex, json, grammar",
+                           param="structured_outputs")
+        if so.regex is not None:
+            return GrammarSpec("regex", so.regex)
+        if so.json is not None:
+            return GrammarSpec("json_schema", json.dumps(so.json), strict=False)
+        return GrammarSpec("ebnf", so.grammar)
+    fmt = req.response_format
+    if fmt is None or fmt.type == "text":
+        return None
+    if fmt.type == "json_object":
+        return GrammarSpec("json_object", "")
+    if fmt.type == "json_schema":
+        if fmt.json_schema is None or fmt.json_schema.schema is None:
+            raise APIError(400, "response_format json_schema needs json_schema.schema", param="response_format")
+        return GrammarSpec("json_schema", json.dumps(fmt.json_schema.schema), strict=bool(fmt.json_schema.strict))
+    raise APIError(400, f"response_format.type must be text, json_object or json_schema, got {fmt.type!r}",
+                   param="response_format")
+
+
 def stop_strings(req: ChatCompletionRequest) -> list[str]:
     return [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
 
 
 def chat_messages(req: ChatCompletionRequest) -> list[dict]:
-    """Messages as the chat template expects them (text parts joined)."""
+    """Messages as chat templates expect them: text parts joined, tool-call arguments as objects (templates
+    serialise them themselves), earlier reasoning as reasoning_content."""
     out = []
     for m in req.messages:
         content = m.content
         if isinstance(content, list):
             content = "".join(p.text for p in content)
         msg = {"role": m.role, "content": content or ""}
-        if m.name is not None:
-            msg["name"] = m.name
+        for key in ("name", "tool_call_id"):
+            if getattr(m, key) is not None:
+                msg[key] = getattr(m, key)
+        if m.reasoning_content is not None or m.reasoning is not None:
+            msg["reasoning_content"] = m.reasoning_content if m.reasoning_content is not None else m.reasoning
+        if m.tool_calls:
+            msg["tool_calls"] = [{"id": c.id, "type": "function",
+                                  "function": {"name": c.function.name, "arguments": _arguments(c.function)}}
+                                 for c in m.tool_calls]
         out.append(msg)
     return out
+
+
+def _arguments(fn: FunctionCall):
+    try:
+        return json.loads(fn.arguments)
+    except ValueError:
+        return fn.arguments  # not JSON: the template gets the text as the client sent it
 
 
 def sampling_params(req: ChatCompletionRequest, prompt_len: int, max_model_len: int) -> SamplingParams:
@@ -198,8 +355,8 @@ def completion(request_id: str, model: str, created: int, choices: list[dict], u
             "usage": usage_}
 
 
-def choice(index: int, text: str, finish_reason: str, logprobs: list[dict] | None) -> dict:
-    return {"index": index, "message": {"role": "assistant", "content": text},
+def choice(index: int, message: dict, finish_reason: str, logprobs: list[dict] | None) -> dict:
+    return {"index": index, "message": message,
             "logprobs": None if logprobs is None else {"content": logprobs}, "finish_reason": finish_reason}
 
 
