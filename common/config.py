@@ -37,6 +37,7 @@ class EngineConfig:
     kv_cache_memory_gb: float = 1.0
     enable_prefix_caching: bool = True
     seed: int = 0
+    speculative_config: dict | None = None  # {"method": "ngram", "num_speculative_tokens": k, ...}
     hf_config: object = field(default=None, repr=False)
 
     def __post_init__(self):
@@ -65,6 +66,8 @@ class EngineConfig:
         check(self.max_model_len is None or 1 <= self.max_model_len <= limit,
               f"max_model_len must be in [1, {limit}] for this model")
         self.max_model_len = self.max_model_len or limit
+        from common.speculative import SpeculativeConfig
+        self.speculative = SpeculativeConfig.from_dict(self.speculative_config)
 
     @property
     def torch_dtype(self) -> torch.dtype:

@@ -14,6 +14,7 @@ from common.model_runner import ModelRunner
 from common.sampling_params import SamplingParams
 from common.scheduler import Scheduler
 from common.sequence import Sequence, SequenceStatus
+from common.speculative import propose_ngram
 
 
 def eos_token_ids(folder: str, hf_config) -> set[int]:
@@ -41,6 +42,8 @@ class LLMEngine:
         self.num_prefill_tokens_computed = 0
         self.num_decode_tokens_computed = 0
         self._grammar_compiler = None  # made on the first request with a grammar (loads the tokenizer)
+        self.num_draft_tokens = 0  # speculative tokens proposed and checked
+        self.num_accepted_tokens = 0  # of which kept
 
     def add_request(self, token_ids: list[int], params: SamplingParams, request_id: str | None = None) -> Sequence:
         seq = self.new_sequence(token_ids, params, request_id)
@@ -91,28 +94,85 @@ class LLMEngine:
         return self.scheduler.has_unfinished()
 
     def step(self) -> list[Sequence]:
-        """One forward pass over the next batch; returns the sequences that sampled a token in it (finished ones
-        have is_finished set)."""
+        """One forward pass over the next batch; returns the sequences that sampled in it, each with
+        num_new_tokens set (several when speculative tokens were accepted; finished ones have is_finished set)."""
+        drafted = self._propose_drafts()
         scheduled = self.scheduler.schedule()
+        self._trim_drafts(drafted, scheduled)
         if not scheduled:
             return []
         seqs, tokens, logprobs = self.runner.run(scheduled)
         for seq, n in scheduled:
-            is_decode = n == 1 and seq.num_output_tokens > 0 and seq.num_computed_tokens + 1 == seq.num_tokens
+            is_decode = seq.num_output_tokens > 0 and seq.num_computed_tokens + n == seq.num_tokens \
+                and n == 1 + seq.num_draft
             if is_decode:
-                self.num_decode_tokens_computed += 1
+                self.num_decode_tokens_computed += n
             else:
                 self.num_prefill_tokens_computed += n
-            seq.num_computed_tokens += n
+            # KV computed for a rejected draft stays in its slot unpublished, and is overwritten later
+            seq.num_computed_tokens += n - seq.num_draft
+        sampled = []
+        i = 0
+        while i < len(seqs):
+            seq = seqs[i]
+            rows = 1 + seq.num_draft
+            self._accept(seq, tokens[i:i + rows], logprobs[i:i + rows])
+            sampled.append(seq)
+            i += rows
+        for seq, _ in scheduled:
             self.block_manager.publish_computed(seq)
-        for seq, token, entry in zip(seqs, tokens, logprobs):
+        return sampled
+
+    def _accept(self, seq: Sequence, tokens: list[int], logprobs: list):
+        """Keep the sampled tokens up to and including the first that differs from its draft."""
+        drafts = seq.token_ids[len(seq.token_ids) - seq.num_draft:] if seq.num_draft else []
+        del seq.token_ids[len(seq.token_ids) - seq.num_draft:]
+        self.num_draft_tokens += len(drafts)
+        seq.num_draft = seq.num_new_tokens = 0
+        for j, token in enumerate(tokens):
             self._append(seq, token)
+            seq.num_new_tokens += 1
             if seq.logprobs is not None:
-                seq.logprobs.append(entry)
+                seq.logprobs.append(logprobs[j])
             reason = self._finish_reason(seq, token)
             if reason:
                 self.scheduler.finish(seq, reason, free=not self.hold_finished)
-        return seqs
+                return
+            if j >= len(drafts) or token != drafts[j]:
+                return
+            self.num_accepted_tokens += 1
+            seq.num_computed_tokens += 1  # the draft's KV is this token's: keep it
+
+    def _propose_drafts(self) -> list[Sequence]:
+        """n-gram drafts for running decodes that plain sampling would treat position by position."""
+        spec = self.config.speculative
+        if spec is None:
+            return []
+        drafted = []
+        for seq in self.scheduler.running:
+            p = seq.params
+            if seq.num_output_tokens == 0 or seq.num_computed_tokens + 1 != seq.num_tokens or p.has_penalties \
+                    or p.logprobs is not None or seq.grammar is not None:
+                continue
+            room = min((p.max_tokens or self.config.max_model_len) - seq.num_output_tokens,
+                       self.config.max_model_len - seq.num_tokens) - 1
+            drafts = propose_ngram(seq.token_ids, min(spec.num_speculative_tokens, room), spec.prompt_lookup_max,
+                                   spec.prompt_lookup_min)
+            if drafts:
+                seq.token_ids.extend(drafts)
+                seq.num_draft = len(drafts)
+                drafted.append(seq)
+        return drafted
+
+    @staticmethod
+    def _trim_drafts(drafted: list[Sequence], scheduled: list[tuple[Sequence, int]]):
+        """Drafts the token budget did not fit (or whose sequence was preempted) are dropped before the pass."""
+        budget = {seq.seq_id: n for seq, n in scheduled}
+        for seq in drafted:
+            keep = budget.get(seq.seq_id, 1) - 1 if seq.is_running else 0
+            if keep < seq.num_draft:
+                del seq.token_ids[len(seq.token_ids) - (seq.num_draft - keep):]
+                seq.num_draft = keep
 
     def release(self, seq: Sequence):
         """Give back the blocks of a finished sequence that hold_finished kept."""
@@ -180,4 +240,6 @@ class LLMEngine:
             "total_blocks": bm.num_blocks,
             "num_waiting": len(self.scheduler.waiting),
             "num_running": len(self.scheduler.running),
+            "spec_draft_tokens": self.num_draft_tokens,
+            "spec_accepted_tokens": self.num_accepted_tokens,
         }

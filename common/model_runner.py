@@ -76,20 +76,24 @@ class ModelRunner:
                 table = torch.tensor(seq.block_table[:num_blocks], dtype=torch.long, device=dev)
             meta.prefills.append(PrefillChunk(offset, offset + n, cached + n, table))
             offset += n
-        # a sequence samples once all its tokens are computed; its logits come from its last token
-        sample_rows, sample_seqs, offset = [], [], 0
+        # a sequence samples once all its tokens are computed; its logits come from its last token, and from each
+        # draft position too when it verifies speculative tokens
+        sample_rows, sample_seqs, sample_positions, offset = [], [], [], 0
         for seq, n in ordered:
             offset += n
             if seq.num_computed_tokens + n == seq.num_tokens:
-                sample_rows.append(offset - 1)
-                sample_seqs.append(seq)
+                rows = 1 + seq.num_draft
+                sample_rows.extend(range(offset - rows, offset))
+                sample_seqs.extend([seq] * rows)
+                sample_positions.extend(range(seq.num_tokens - rows + 1, seq.num_tokens + 1))
         return (torch.tensor(input_ids, dtype=torch.long, device=dev),
-                torch.tensor(positions, dtype=torch.long, device=dev), meta, sample_rows, sample_seqs)
+                torch.tensor(positions, dtype=torch.long, device=dev), meta, sample_rows, sample_seqs,
+                sample_positions)
 
     @torch.inference_mode()
     def run(self, scheduled: list[tuple[Sequence, int]]):
         """One forward pass; returns the sequences that sampled, their tokens and logprobs entries."""
-        input_ids, positions, meta, rows, seqs = self.prepare(scheduled)
+        input_ids, positions, meta, rows, seqs, sample_positions = self.prepare(scheduled)
         hidden = self.model(input_ids, positions, meta)
         if not seqs:
             return [], [], []
@@ -102,5 +106,5 @@ class ModelRunner:
             for i in constrained:
                 seqs[i].grammar.fill_bitmask(bitmask, i)
             apply_bitmask(logits, bitmask, constrained)
-        tokens, logprobs = sample(logits, seqs)
+        tokens, logprobs = sample(logits, seqs, sample_positions)
         return seqs, tokens, logprobs

@@ -44,6 +44,8 @@ class WorkerLoad(msgspec.Struct, array_like=True):
     num_preemptions: int = 0
     kv_bytes_sent: int = 0  # cumulative (prefill side)
     requests_done: int = 0  # cumulative requests this worker completed its part of
+    spec_draft_tokens: int = 0  # cumulative speculative tokens proposed (decode)
+    spec_accepted_tokens: int = 0  # of which accepted
 
 
 # --- worker -> router ------------------------------------------------------------------------------------------

@@ -31,6 +31,8 @@ class Sequence:
         self.finish_reason: str | None = None
         self.logprobs: list[dict[int, float]] | None = [] if params.logprobs is not None else None
         self.grammar = None  # common.grammar.GrammarMatcher when params.grammar is set
+        self.num_draft = 0  # speculative tokens at the end of token_ids, not yet verified
+        self.num_new_tokens = 0  # tokens the latest step appended (several when drafts were accepted)
 
     @property
     def num_tokens(self) -> int:
@@ -43,6 +45,10 @@ class Sequence:
     @property
     def output_token_ids(self) -> list[int]:
         return self.token_ids[self.num_prompt_tokens:]
+
+    @property
+    def is_running(self) -> bool:
+        return self.status == SequenceStatus.RUNNING
 
     @property
     def is_finished(self) -> bool:

@@ -9,6 +9,7 @@ is ever touched by two threads.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import signal
@@ -52,6 +53,8 @@ def add_worker_args(ap: argparse.ArgumentParser) -> argparse.ArgumentParser:
     ap.add_argument("--max-num-batched-tokens", type=int, default=2048)
     ap.add_argument("--max-model-len", type=int, default=None)
     ap.add_argument("--no-prefix-caching", action="store_true")
+    ap.add_argument("--speculative-config", type=json.loads, default=None,
+                    help='JSON, e.g. \'{"method": "ngram", "num_speculative_tokens": 3}\' (decode workers)')
     ap.add_argument("--log-level", default="info")
     return ap
 
@@ -71,7 +74,8 @@ class WorkerRuntime:
             model=args.model, dtype=args.dtype, block_size=args.block_size, num_kv_blocks=args.num_kv_blocks,
             kv_cache_memory_gb=args.kv_cache_memory_gb, max_num_seqs=args.max_num_seqs,
             max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
-            enable_prefix_caching=not args.no_prefix_caching), hold_finished=hold_finished)
+            enable_prefix_caching=not args.no_prefix_caching, speculative_config=args.speculative_config),
+            hold_finished=hold_finished)
         self.worker_id = f"{args.name or role}-{socket.gethostname()}-{os.getpid()}"
         self.advertise_host = args.advertise_host or args.host
         self.router_endpoint = "tcp://" + args.router
@@ -118,7 +122,8 @@ class WorkerRuntime:
                              "free_blocks": s["free_blocks"], "total_blocks": s["total_blocks"],
                              "prefix_cache_queries": s["prefix_cache_queries"],
                              "prefix_cache_hits": s["prefix_cache_hit_tokens"],
-                             "num_preemptions": s["num_preemptions"], **extra})
+                             "num_preemptions": s["num_preemptions"], "spec_draft_tokens": s["spec_draft_tokens"],
+                             "spec_accepted_tokens": s["spec_accepted_tokens"], **extra})
 
     def _control_loop(self, load_fn):
         control = self._socket(zmq.DEALER)

@@ -83,7 +83,7 @@ class DecodeWorker:
                 self._admit()
                 if self.engine.has_unfinished():
                     for seq in self.engine.step():
-                        self._emit(seq, [seq.token_ids[-1]])
+                        self._emit(seq, seq.token_ids[-seq.num_new_tokens:])
                 self._flush()
         finally:
             self.transport.close()

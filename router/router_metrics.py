@@ -63,12 +63,20 @@ class RouterMetrics:
                                      ("model_name", "role")))
         hits = r.register(Counter("vllm:prefix_cache_hits_total", "Prompt tokens found in the prefix caches.",
                                   ("model_name", "role")))
+        drafts = r.register(Counter("vllm:spec_decode_num_draft_tokens_total", "Speculative tokens proposed.",
+                                    ("model_name",)))
+        accepted = r.register(Counter("vllm:spec_decode_num_accepted_tokens_total",
+                                      "Speculative tokens accepted.", ("model_name",)))
         totals = {role: [old.prefix_cache_queries, old.prefix_cache_hits] for role, old in cluster.retired.items()}
+        spec = [sum(old.spec_draft_tokens for old in cluster.retired.values()),
+                sum(old.spec_accepted_tokens for old in cluster.retired.values())]
         counts = {"prefill": 0, "decode": 0}
         for w in cluster.workers.values():
             role, load = w.info.role, w.load
             totals[role][0] += load.prefix_cache_queries
             totals[role][1] += load.prefix_cache_hits
+            spec[0] += load.spec_draft_tokens
+            spec[1] += load.spec_accepted_tokens
             if not w.alive:
                 continue
             counts[role] += 1
@@ -76,6 +84,8 @@ class RouterMetrics:
             running.labels(**key).set(load.num_running)
             waiting.labels(**key).set(load.num_waiting)
             usage.labels(**key).set(1 - load.free_blocks / load.total_blocks if load.total_blocks else 0)
+        drafts.labels(model_name=self.model_name).inc(spec[0])
+        accepted.labels(model_name=self.model_name).inc(spec[1])
         for role in counts:
             alive.labels(role=role).set(counts[role])
             queries.labels(model_name=self.model_name, role=role).inc(totals[role][0])

@@ -75,8 +75,10 @@ def _apply_logit_bias(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tenso
     return logits + bias
 
 
-def sample(logits: torch.Tensor, seqs: list[Sequence]) -> tuple[list[int], list[dict[int, float] | None]]:
-    """logits: [len(seqs), vocab] float32. Returns one token per sequence and its logprobs entry."""
+def sample(logits: torch.Tensor, seqs: list[Sequence], positions: list[int] | None = None
+           ) -> tuple[list[int], list[dict[int, float] | None]]:
+    """logits: [len(seqs), vocab] float32. Returns one token per row and its logprobs entry. positions: the index
+    each row's token will have (default: appended to its sequence); a sequence verifying drafts has several rows."""
     p = _sequence_params(seqs, logits.device)
     want_logprobs = [s.params.logprobs is not None for s in seqs]
     raw_logprobs = logits.log_softmax(-1) if any(want_logprobs) else None
@@ -95,8 +97,9 @@ def sample(logits: torch.Tensor, seqs: list[Sequence]) -> tuple[list[int], list[
         for j, i in enumerate(sampled_rows):
             seq = seqs[i]
             if seq.params.seed is not None:
+                position = seq.num_tokens if positions is None else positions[i]
                 generator = torch.Generator(device=logits.device).manual_seed(_position_seed(seq.params.seed,
-                                                                                              seq.num_tokens))
+                                                                                              position))
                 noise[j].exponential_(generator=generator)
         # argmax(p / E) with E ~ Exp(1) draws from p (the exponential race)
         tokens[rows] = (probs / noise).argmax(-1)
