@@ -66,8 +66,11 @@ def main():
     ap.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 64])
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--num-speculative-tokens", type=int, default=5)
+    ap.add_argument("--disable-by-batch-size", type=int, default=None,
+                    help="no drafts while more sequences than this are running")
     a = ap.parse_args()
-    spec_cfg = {"method": "ngram", "num_speculative_tokens": a.num_speculative_tokens}
+    spec_cfg = {"method": "ngram", "num_speculative_tokens": a.num_speculative_tokens,
+                "disable_by_batch_size": a.disable_by_batch_size}
     engines = {"eager": LLM(a.model, dtype=a.dtype), "eager + ngram": LLM(a.model, dtype=a.dtype,
                                                                         speculative_config=spec_cfg)}
     print(f"| workload | batch | engine | decode tok/s | x eager | accepted / proposed | same output |")

@@ -146,7 +146,8 @@ class LLMEngine:
     def _propose_drafts(self) -> list[Sequence]:
         """n-gram drafts for running decodes that plain sampling would treat position by position."""
         spec = self.config.speculative
-        if spec is None:
+        if spec is None or (spec.disable_by_batch_size is not None
+                            and len(self.scheduler.running) > spec.disable_by_batch_size):
             return []
         drafted = []
         for seq in self.scheduler.running:

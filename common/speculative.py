@@ -20,6 +20,8 @@ class SpeculativeConfig:
     num_speculative_tokens: int = 3
     prompt_lookup_max: int = 4
     prompt_lookup_min: int = 1
+    # on CPU verifying k drafts costs about k tokens of compute, which only pays while the batch is small
+    disable_by_batch_size: int | None = None
 
     @classmethod
     def from_dict(cls, d: dict | None) -> "SpeculativeConfig | None":
@@ -35,6 +37,8 @@ class SpeculativeConfig:
             raise InvalidRequestError("num_speculative_tokens must be in [1, 16]")
         if not 1 <= cfg.prompt_lookup_min <= cfg.prompt_lookup_max:
             raise InvalidRequestError("need 1 <= prompt_lookup_min <= prompt_lookup_max")
+        if cfg.disable_by_batch_size is not None and cfg.disable_by_batch_size < 1:
+            raise InvalidRequestError("disable_by_batch_size must be >= 1")
         return cfg
 
 

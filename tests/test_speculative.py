@@ -63,6 +63,16 @@ def test_outputs_identical_to_plain_decoding(tiny_model_factory, sampling, engin
         assert stats["num_preemptions"] > 0
 
 
+def test_disable_by_batch_size(tiny_model_factory):
+    model = str(tiny_model_factory(TINY))
+    params = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
+    llm = LLM(model, num_kv_blocks=512, speculative_config={**NGRAM, "disable_by_batch_size": 2})
+    llm.generate(copy_prompts(4), params, use_tqdm=False)  # 4 running: never drafts
+    assert llm.stats()["spec_draft_tokens"] == 0
+    llm.generate(copy_prompts(1), params, use_tqdm=False)
+    assert llm.stats()["spec_draft_tokens"] > 0
+
+
 @pytest.mark.slow
 def test_smollm2_copy_task_identical_and_accepting(smollm2_dir):
     code = "def add(a, b):\n    return a + b\n\n\ndef sub(a, b):\n    return a - b\n\n\ndef mul(a, b):\n    return a * b\n"
