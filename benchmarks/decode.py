@@ -73,7 +73,7 @@ def main():
                 "disable_by_batch_size": a.disable_by_batch_size}
     engines = {"eager": LLM(a.model, dtype=a.dtype), "eager + ngram": LLM(a.model, dtype=a.dtype,
                                                                         speculative_config=spec_cfg)}
-    print(f"| workload | batch | engine | decode tok/s | x eager | accepted / proposed | same output |")
+    print("| workload | batch | engine | decode tok/s | x eager | accepted / proposed | same output |")
     print("|---|---:|---|---:|---:|---|---|")
     for batch in a.batch_sizes:
         for name, convs in workloads(batch, seed=batch).items():

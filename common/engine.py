@@ -90,6 +90,7 @@ class LLMEngine:
         except ValueError as e:
             raise InvalidRequestError(f"the tokens generated so far do not fit the grammar: {e}") from None
         return matcher
+
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
 

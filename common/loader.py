@@ -2,7 +2,6 @@
 import glob
 import os
 
-import torch
 from safetensors import safe_open
 from torch import nn
 

@@ -133,8 +133,6 @@ class PrefillDone(msgspec.Struct, tag="prefill_done"):
 
 
 RouterInbound = Heartbeat | Tokens | Rejected | KVTransferred
-WorkerCommand = Registered | Admit | Abort | PeerGone
-PeerMessage = PrefillTask | PrefillDone
 
 _encoder = msgspec.msgpack.Encoder()
 encode = _encoder.encode

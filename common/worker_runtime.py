@@ -20,7 +20,7 @@ import time
 import msgspec
 import zmq
 
-from common.protocol import Heartbeat, PeerMessage, Decoder, WorkerCommand, WorkerInfo, WorkerLoad, encode
+from common.protocol import Decoder, Heartbeat, Registered, WorkerInfo, WorkerLoad, encode
 
 HEARTBEAT_INTERVAL_S = 0.5
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
@@ -60,7 +60,9 @@ def add_worker_args(ap: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 
 class WorkerRuntime:
-    def __init__(self, role: str, args, hold_finished: bool = False):
+    def __init__(self, role: str, args, commands, inbox, hold_finished: bool = False):
+        """commands / inbox: the message types (a union) this role accepts from the router / from peers; anything
+        else on those sockets is dropped by the strict decoders, so a role never sees another role's messages."""
         from common.config import EngineConfig
         from common.engine import LLMEngine
 
@@ -90,8 +92,8 @@ class WorkerRuntime:
         self._poller = zmq.Poller()
         self._poller.register(self.commands, zmq.POLLIN)
         self._poller.register(self.inbox, zmq.POLLIN)
-        self._command_decoder = Decoder(WorkerCommand, "router commands")
-        self._peer_decoder = Decoder(PeerMessage, "worker inbox")
+        self._command_decoder = Decoder(commands | Registered, "router commands")
+        self._peer_decoder = Decoder(inbox, "worker inbox")
         self.stopping = False
         self.info: WorkerInfo | None = None
         self._thread: threading.Thread | None = None
@@ -153,7 +155,8 @@ class WorkerRuntime:
             relay.close()
 
     def poll(self, timeout_ms: int) -> tuple[list, list]:
-        """Router commands and peer messages that arrived (waiting up to timeout_ms for the first), decoded."""
+        """Router commands and peer messages that arrived (waiting up to timeout_ms for the first), decoded. The
+        router's answer to registration is handled here: a refusal ends the worker (exit status 2)."""
         commands, peer_messages = [], []
         if not self._poller.poll(timeout_ms):
             return commands, peer_messages
@@ -165,7 +168,11 @@ class WorkerRuntime:
                 except zmq.Again:
                     break
                 msg = decoder.decode(frames[-1]) if len(frames) == 1 else None
-                if msg is not None:
+                if isinstance(msg, Registered):
+                    if not msg.ok:
+                        log.error("the router refused this worker: %s", msg.error)
+                        raise SystemExit(2)
+                elif msg is not None:
                     out.append(msg)
                 elif len(frames) != 1:
                     log.warning("dropped a %d-frame message on %s", len(frames), decoder.where)

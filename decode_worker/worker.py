@@ -19,7 +19,7 @@ import logging
 from collections import deque
 
 from common.errors import InvalidRequestError
-from common.protocol import (DECODE, Abort, Admit, PeerGone, PrefillDone, PrefillTask, Registered, Rejected,
+from common.protocol import (DECODE, Abort, Admit, PeerGone, PrefillDone, PrefillTask, Rejected,
                              TokenOutput, Tokens, WorkerLoad)
 from common.sequence import Sequence
 from common.worker_runtime import WorkerRuntime
@@ -41,7 +41,7 @@ class Admission:
 
 class DecodeWorker:
     def __init__(self, args):
-        self.rt = WorkerRuntime(DECODE, args)
+        self.rt = WorkerRuntime(DECODE, args, commands=Admit | Abort | PeerGone, inbox=PrefillDone)
         self.engine = self.rt.engine
         self.transport = make_transport(args.kv_transport, self.rt.worker_id, self.engine.runner.kv_pool,
                                         model_name=self.rt.model_name, host=args.host,
@@ -71,10 +71,7 @@ class DecodeWorker:
                 for cmd in commands:
                     self._on_command(cmd)
                 for msg in messages:
-                    if isinstance(msg, PrefillDone):
-                        self._on_prefill_done(msg)
-                    else:
-                        log.warning("unexpected %s on a decode worker's inbox", type(msg).__name__)
+                    self._on_prefill_done(msg)
                 for result in self.transport.poll_received():
                     if result.ok:
                         self._on_landed(result.transfer_id)
@@ -102,9 +99,6 @@ class DecodeWorker:
                 self.engine.release(adm.seq)  # a dead process writes nothing more into these blocks
                 if not adm.aborted:
                     self._error(rid, f"prefill worker {cmd.worker_id} died", retryable=True)
-        elif isinstance(cmd, Registered) and not cmd.ok:
-            log.error("the router refused this worker: %s", cmd.error)
-            raise SystemExit(2)
 
     def _on_admit(self, msg: Admit):
         rid = msg.request_id

@@ -17,7 +17,7 @@ import logging
 import time
 
 from common.errors import InvalidRequestError
-from common.protocol import PREFILL, Abort, KVTransferred, PeerGone, PrefillDone, PrefillTask, Registered, WorkerLoad
+from common.protocol import PREFILL, Abort, KVTransferred, PeerGone, PrefillDone, PrefillTask, WorkerLoad
 from common.sequence import Sequence, SequenceStatus
 from common.worker_runtime import WorkerRuntime
 from kv_transfer import KVLayoutMismatch, make_transport
@@ -38,7 +38,7 @@ class Task:
 
 class PrefillWorker:
     def __init__(self, args):
-        self.rt = WorkerRuntime(PREFILL, args, hold_finished=True)
+        self.rt = WorkerRuntime(PREFILL, args, commands=Abort | PeerGone, inbox=PrefillTask, hold_finished=True)
         self.engine = self.rt.engine
         self.transport = make_transport(args.kv_transport, self.rt.worker_id, self.engine.runner.kv_pool,
                                         model_name=self.rt.model_name, host=args.host,
@@ -63,10 +63,7 @@ class PrefillWorker:
                 for cmd in commands:
                     self._on_command(cmd)
                 for msg in messages:
-                    if isinstance(msg, PrefillTask):
-                        self._on_task(msg)
-                    else:
-                        log.warning("unexpected %s on a prefill worker's inbox", type(msg).__name__)
+                    self._on_task(msg)
                 if self.engine.has_unfinished():
                     for seq in self.engine.step():
                         if seq.is_finished:
@@ -88,9 +85,6 @@ class PrefillWorker:
                 self._abort(rid, notify=False)
             if self.peer_metadata.pop(cmd.worker_id, None) is not None:
                 self.transport.remove_peer(cmd.worker_id)  # its transfers in flight fail at the next poll
-        elif isinstance(cmd, Registered) and not cmd.ok:
-            log.error("the router refused this worker: %s", cmd.error)
-            raise SystemExit(2)
 
     def _on_task(self, msg: PrefillTask):
         def refuse(error: str):

@@ -14,6 +14,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from common.errors import InvalidRequestError
+from common.sampling_params import GrammarSpec
 from router import openai_api as api
 from router.cluster import Cluster, ClusterError, RequestState
 from router.detokenizer import IncrementalDetokenizer
@@ -78,7 +79,7 @@ def create_app(cluster: Cluster, tokenizer, model_name: str, metrics: RouterMetr
     async def health():
         if cluster.healthy:
             return {"status": "ok"}
-        return error_response(503, cluster._missing_roles(), "service_unavailable")
+        return error_response(503, cluster.missing_roles(), "service_unavailable")
 
     @app.get("/v1/models")
     async def models():
@@ -104,7 +105,7 @@ def create_app(cluster: Cluster, tokenizer, model_name: str, metrics: RouterMetr
                                code="model_not_found")
         max_model_len = cluster.max_model_len
         if max_model_len is None or not cluster.healthy:
-            raise api.APIError(503, cluster._missing_roles(), "service_unavailable")
+            raise api.APIError(503, cluster.missing_roles(), "service_unavailable")
         use_tools = api.tools_active(req)
         try:
             prompt = tokenizer.apply_chat_template(
@@ -129,7 +130,7 @@ def create_app(cluster: Cluster, tokenizer, model_name: str, metrics: RouterMetr
                 for s in states]
         parsers = [OutputParser(reasoning_cls.for_prompt(prompt) if reasoning_cls else None,
                                 tool_cls() if use_tools else None) for _ in states]
-        top_n = req.top_logprobs or 0 if req.logprobs else None
+        top_n = (req.top_logprobs or 0) if req.logprobs else None
         created = api.now()
         if not req.stream:
             try:
@@ -147,7 +148,7 @@ def create_app(cluster: Cluster, tokenizer, model_name: str, metrics: RouterMetr
         return StreamingResponse(stream(runs, parsers, request_id, created, include_usage, top_n),
                                  media_type="text/event-stream")
 
-    async def request_grammar(req) -> "GrammarSpec | None":
+    async def request_grammar(req) -> GrammarSpec | None:
         """The output constraint of a request: response_format / structured_outputs, or the tool-call syntax that
         tool_choice enforces; a 400 if it does not compile, before any worker spends compute."""
         grammar, param = api.grammar_spec(req), "response_format"

@@ -62,7 +62,6 @@ class RequestState:
     done: bool = False
     num_cached_tokens: int = 0
     rejected_by: set[str] = dataclasses.field(default_factory=set)
-    migrations: int = 0
     # requests (the other choices of an n > 1 request) dispatched once this one's prompt KV exists, to the same
     # workers, so they reuse its prompt blocks from both prefix caches instead of computing them again
     followers: list["RequestState"] = dataclasses.field(default_factory=list)
@@ -253,7 +252,7 @@ class Cluster:
     # --- requests -------------------------------------------------------------------------------------------
     async def submit(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> RequestState:
         if not self.alive(PREFILL) or not self.alive(DECODE):
-            raise ClusterError(self._missing_roles())
+            raise ClusterError(self.missing_roles())
         req = RequestState(request_id, prompt_ids, params, asyncio.Queue())
         await self._dispatch(req, wait_s=0.0)
         return req
@@ -278,7 +277,7 @@ class Cluster:
         except ClusterError as e:
             self._fail(req, str(e))
 
-    def _missing_roles(self) -> str:
+    def missing_roles(self) -> str:
         missing = [r for r in (PREFILL, DECODE) if not self.alive(r)]
         return f"no live {' or '.join(missing)} worker in the cluster" if missing else "cluster unavailable"
 
@@ -293,7 +292,7 @@ class Cluster:
             if decode is not None and prefill is not None:
                 break
             if time.monotonic() >= deadline:
-                raise ClusterError(self._missing_roles())
+                raise ClusterError(self.missing_roles())
             await asyncio.sleep(0.1)
         req.decode, req.prefill, req.in_prefill = decode, prefill, True
         self.requests[req.attempt_id] = req
@@ -318,7 +317,6 @@ class Cluster:
             return
         self._detach(req)
         req.attempt += 1
-        req.migrations += 1
         req.rejected_by.clear()
         if self.metrics:
             self.metrics.migrations.inc()
