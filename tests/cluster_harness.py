@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -20,10 +21,29 @@ import urllib.request
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            low, high = map(int, f.read().split())
+            return low, high
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A port free now, chosen below the kernel's ephemeral range: a port the kernel hands out (bind to 0) can be
+    taken again by any outgoing connection (a worker's ZMQ connect) before the router binds it."""
+    low, high = _ephemeral_range()
+    candidates = range(20000, low) if low > 21000 else range(high + 1, 65535)
+    for _ in range(200):
+        port = random.choice(candidates)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port found")
 
 
 class LocalCluster:
@@ -47,20 +67,43 @@ class LocalCluster:
                                 start_new_session=True)
 
     def __enter__(self):
+        for attempt in range(3):
+            try:
+                self._start()
+                return self
+            except RuntimeError:
+                self.close()
+                if attempt == 2 or not self._router_port_was_taken():
+                    raise
+            except BaseException:
+                self.close()
+                raise
+            # another process took a port between free_port() and the router's bind: start over on new ports
+            self.procs = {"router": [], "prefill": [], "decode": []}
+            self.port, self.control_port = free_port(), free_port()
+            self.base_url = f"http://127.0.0.1:{self.port}"
+
+    def _router_port_was_taken(self) -> bool:
+        log = os.path.join(self.log_dir, "router.log")
         try:
-            self.procs["router"].append(self._spawn("router", [
-                "router", "--model", self.model, "--served-model-name", self.served_model_name,
-                "--port", str(self.port), "--control-port", str(self.control_port), *self.router_args]))
-            for _ in range(self._initial[0]):
-                self.add("prefill", wait=False)
-            for _ in range(self._initial[1]):
-                self.add("decode", wait=False)
-            self.wait_for(self._router_up, "the router's HTTP port")
-            self.wait_workers(*self._initial)
-        except BaseException:
-            self.close()
-            raise
-        return self
+            with open(log, "rb") as f:
+                taken = b"address already in use" in f.read().lower()
+        except OSError:
+            return False
+        if taken:  # kept for the record, out of the way of the next attempt's log
+            os.replace(log, log + f".port-taken-{self.port}")
+        return taken
+
+    def _start(self):
+        self.procs["router"].append(self._spawn("router", [
+            "router", "--model", self.model, "--served-model-name", self.served_model_name,
+            "--port", str(self.port), "--control-port", str(self.control_port), *self.router_args]))
+        for _ in range(self._initial[0]):
+            self.add("prefill", wait=False)
+        for _ in range(self._initial[1]):
+            self.add("decode", wait=False)
+        self.wait_for(self._router_up, "the router's HTTP port")
+        self.wait_workers(*self._initial)
 
     def __exit__(self, *exc):
         self.close()
