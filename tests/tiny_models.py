@@ -1,4 +1,4 @@
-"""Build tiny random-weight HF model folders (Llama / Qwen3) for parity tests.
+"""Build tiny random-weight HF model folders (Llama / Qwen3 / Qwen3-MoE / MiniMax-M2) for parity tests.
 
 Everything is generated locally and deterministically (no hub access):
 a seeded random-weight model saved with ``save_pretrained`` (config.json +
@@ -54,6 +54,26 @@ class TinyConfig:
             f"{self.arch}-h{self.num_heads}kv{self.num_kv_heads}-d{self.head_dim}"
             f"-{'tied' if self.tie_word_embeddings else 'untied'}-hid{self.hidden_size}"
         )
+
+
+@dataclass(frozen=True)
+class TinyMoeConfig(TinyConfig):
+    """A tiny mixture-of-experts model: arch "qwen3_moe" or "minimax_m2"."""
+
+    arch: str = "qwen3_moe"
+    num_experts: int = 8
+    top_k: int = 2
+    moe_intermediate_size: int = 64  # each expert's (MiniMax-M2 calls it intermediate_size)
+    norm_topk_prob: bool = True  # qwen3_moe only; minimax_m2 always renormalises
+    mlp_only_layers: tuple = ()  # qwen3_moe: layers with a dense MLP instead of experts
+    rotary_dim: int | None = None  # minimax_m2: rotary on the first rotary_dim features of each head
+    # minimax_m2: e_score_correction_bias ~ N(0, bias_std), large enough against the sigmoid scores' gaps
+    # that it changes some tokens' choice of experts (zero would leave the bias path untested)
+    bias_std: float = 0.2
+
+    @property
+    def id(self) -> str:
+        return f"{super().id}-e{self.num_experts}k{self.top_k}-s{self.seed}"
 
 
 # ----------------------------------------------------------------------------
@@ -160,6 +180,24 @@ def _hf_config(cfg: TinyConfig, eos_id: int, bos_id: int, pad_id: int):
         from transformers import Qwen3Config
 
         return Qwen3Config(rope_theta=1000000.0, use_sliding_window=False, **common)
+    if cfg.arch == "qwen3_moe":
+        from transformers import Qwen3MoeConfig
+
+        return Qwen3MoeConfig(
+            rope_theta=1000000.0, use_sliding_window=False, num_experts=cfg.num_experts,
+            num_experts_per_tok=cfg.top_k, moe_intermediate_size=cfg.moe_intermediate_size,
+            norm_topk_prob=cfg.norm_topk_prob, decoder_sparse_step=1,
+            mlp_only_layers=list(cfg.mlp_only_layers), **common,
+        )
+    if cfg.arch == "minimax_m2":
+        from transformers import MiniMaxM2Config
+
+        common.pop("attention_bias")
+        common["intermediate_size"] = cfg.moe_intermediate_size
+        return MiniMaxM2Config(
+            rope_theta=5000000.0, rotary_dim=cfg.rotary_dim or cfg.head_dim,
+            num_local_experts=cfg.num_experts, num_experts_per_tok=cfg.top_k, **common,
+        )
     raise ValueError(f"unknown arch {cfg.arch!r}")
 
 
@@ -175,6 +213,15 @@ def _init_weights(model: torch.nn.Module, std: float, seed: int) -> None:
                 p.copy_(1.0 + torch.randn(p.shape, generator=g) * 0.1)
             else:  # biases (none by default)
                 p.copy_(torch.randn(p.shape, generator=g) * std)
+
+
+def _init_correction_bias(model: torch.nn.Module, std: float, seed: int) -> None:
+    """e_score_correction_bias is a buffer, which _init_weights leaves at zero."""
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, b in sorted(model.named_buffers(), key=lambda kv: kv[0]):
+            if name.endswith("e_score_correction_bias"):
+                b.copy_(torch.randn(b.shape, generator=g) * std)
 
 
 def make_tiny_model(
@@ -215,6 +262,8 @@ def make_tiny_model_from_config(directory, cfg: TinyConfig) -> Path:
     torch.manual_seed(cfg.seed)
     model = AutoModelForCausalLM.from_config(hf_cfg, dtype=torch.float32)
     _init_weights(model, cfg.init_std, cfg.seed)
+    if isinstance(cfg, TinyMoeConfig):
+        _init_correction_bias(model, cfg.bias_std, cfg.seed)
     if cfg.tie_word_embeddings:
         assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
     model.eval()

@@ -1,6 +1,8 @@
 import torch
 from torch import nn
 
+from common.layers.parallel import all_reduce, tp_rank, tp_size
+
 
 class RMSNorm(nn.Module):
     """Computed in float32 and cast back, in the same order of operations as transformers (parity)."""
@@ -10,8 +12,32 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(size), requires_grad=False)
 
+    def _mean_square(self, x: torch.Tensor) -> torch.Tensor:
+        return x.pow(2).mean(-1, keepdim=True)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
         x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        x = x * torch.rsqrt(self._mean_square(x) + self.eps)
         return self.weight * x.to(dtype)
+
+
+class AllHeadsRMSNorm(RMSNorm):
+    """RMSNorm over all heads of q (or k) together rather than per head (MiniMax-M2); x: [tokens, heads, head_dim].
+
+    Under tensor parallelism a rank holds only its heads, so the mean square is averaged over ranks (every rank has
+    the same width, and replicated kv heads are counted once per replica on both sides of the average)."""
+
+    def __init__(self, heads_per_rank: int, head_dim: int, eps: float, replicas: int = 1):
+        super().__init__(heads_per_rank * head_dim, eps)
+        self.replicas = replicas
+        self.weight.weight_loader = self.weight_loader
+
+    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor):
+        param.data.copy_(loaded.chunk(tp_size() // self.replicas, 0)[tp_rank() // self.replicas])
+
+    def _mean_square(self, x: torch.Tensor) -> torch.Tensor:
+        return all_reduce(super()._mean_square(x)) / tp_size()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x.flatten(-2)).view_as(x)

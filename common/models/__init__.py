@@ -1,16 +1,23 @@
 """Model classes by the name in config.architectures."""
 from common.errors import ModelLoadError
+from common.models.deepseek_v3 import DeepseekV3ForCausalLM
 from common.models.llama import LlamaForCausalLM
+from common.models.minimax_m2 import MiniMaxM2ForCausalLM
 from common.models.qwen3 import Qwen3ForCausalLM
+from common.models.qwen3_moe import Qwen3MoeForCausalLM
 
 MODEL_REGISTRY = {
     "LlamaForCausalLM": LlamaForCausalLM,
     "Qwen3ForCausalLM": Qwen3ForCausalLM,
+    "Qwen3MoeForCausalLM": Qwen3MoeForCausalLM,
+    "MiniMaxM2ForCausalLM": MiniMaxM2ForCausalLM,
+    "DeepseekV3ForCausalLM": DeepseekV3ForCausalLM,
 }
 
 
 # configs converted from GGUF name only a model_type
-MODEL_TYPES = {"llama": "LlamaForCausalLM", "qwen3": "Qwen3ForCausalLM"}
+MODEL_TYPES = {"llama": "LlamaForCausalLM", "qwen3": "Qwen3ForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM",
+               "minimax_m2": "MiniMaxM2ForCausalLM", "deepseek_v3": "DeepseekV3ForCausalLM"}
 
 
 def model_class(hf_config):
