@@ -1,4 +1,6 @@
 """Owns the model and its paged KV pool; turns a scheduled batch into one forward pass and samples."""
+import math
+
 import torch
 
 from common.config import EngineConfig
@@ -6,8 +8,8 @@ from common.layers.attention import AttentionMetadata, PrefillChunk
 from common.layers.sampler import sample
 from common.loader import load_weights
 from common.models import model_class
-from common.models.llama import head_dim_of
 from common.sequence import Sequence
+from kv_transfer.layout import PAGED_KV, PLANES
 
 
 class ModelRunner:
@@ -26,18 +28,21 @@ class ModelRunner:
         load_weights(self.model, config.model)
         self.model.eval()
         self.block_size = config.block_size
-        self.num_blocks = config.num_kv_blocks or self._blocks_for_budget(config.kv_cache_memory_gb)
         layers = self.model.attention_layers()
         first = layers[0]
+        # what a token leaves in the cache: K and V planes, or (MLA) one plane holding the compressed latent
+        planes = PLANES[getattr(self.model, "kv_cache_kind", PAGED_KV)]
+        token_shape = (planes, len(layers), first.num_kv_heads, first.head_dim)
+        self.num_blocks = config.num_kv_blocks or self._blocks_for_budget(config.kv_cache_memory_gb, token_shape)
         # one pool for every layer, so a transfer engine can register it once
-        self.kv_pool = torch.zeros(2, len(layers), self.num_blocks, self.block_size, first.num_kv_heads,
+        self.kv_pool = torch.zeros(planes, len(layers), self.num_blocks, self.block_size, first.num_kv_heads,
                                    first.head_dim, dtype=config.torch_dtype, device=self.device)
         for i, attn in enumerate(layers):
-            attn.k_cache, attn.v_cache = self.kv_pool[0, i], self.kv_pool[1, i]
+            # a latent pool's single plane is MLA's keys and (its first kv_lora_rank dims) its values
+            attn.k_cache, attn.v_cache = self.kv_pool[0, i], self.kv_pool[planes - 1, i]
 
-    def _blocks_for_budget(self, gigabytes: float) -> int:
-        hf = self.config.hf_config
-        per_token = 2 * hf.num_hidden_layers * hf.num_key_value_heads * head_dim_of(hf)
+    def _blocks_for_budget(self, gigabytes: float, token_shape: tuple[int, ...]) -> int:
+        per_token = math.prod(token_shape)
         per_block = per_token * self.block_size * torch.empty(0, dtype=self.config.torch_dtype).element_size()
         return max(1, int(gigabytes * 2**30 // per_block))
 

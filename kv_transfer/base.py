@@ -52,7 +52,7 @@ _peer_decoder = msgspec.msgpack.Decoder(PeerInfo)
 
 
 class KVTransport(ABC):
-    """Moves whole blocks (every layer, K and V) of one pool into another process's pool.
+    """Moves whole blocks (every plane and layer: K and V, or MLA latents) of one pool into another process's pool.
 
     Sender:   write_blocks(peer, src, dst, transfer_id) then poll_sent() -> [TransferResult]
     Receiver: expect(transfer_id) (optional, arms a deadline) then poll_received() -> [TransferResult]
@@ -63,7 +63,7 @@ class KVTransport(ABC):
     backend: str = ""  # tag of the PeerInfo this backend produces
 
     def __init__(self, name: str, pool: torch.Tensor, layout: KVLayout, *, timeout_s: float = DEFAULT_TIMEOUT_S):
-        layout.check_pool(pool)  # also refuses non-"paged_kv" kinds for now: the slab math assumes one shape
+        layout.check_pool(pool)  # also refuses mixed kinds: the slab math assumes one shape for every plane
         if not pool.is_contiguous():
             raise ValueError("the KV pool must be one contiguous tensor (it is registered as one region)")
         self.name, self.pool, self.layout, self.timeout_s = name, pool, layout, timeout_s

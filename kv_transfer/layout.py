@@ -1,7 +1,11 @@
 """What a KV pool looks like, so two workers can check they agree before one writes into the other's memory.
 
-The layout describes one *block* of the pool (all layers, K and V), never the number of blocks: P and D size
+The layout describes one *block* of the pool (all planes and layers), never the number of blocks: P and D size
 their pools independently, and block ids are only meaningful on the side that owns them.
+
+A pool is [planes, num_layers, num_blocks, block_size, num_kv_heads, head_dim]. What a plane holds is the cache
+kind: "paged_kv" has two (K and V); "paged_latent" (MLA, DeepSeek-V2/V3) has one, a single vector per token (the
+compressed latent followed by the roped shared key), described as num_kv_heads=1, head_dim=its width.
 """
 from __future__ import annotations
 
@@ -9,7 +13,10 @@ import hashlib
 
 import msgspec
 
-PAGED_KV = "paged_kv"  # the only kind transports move today; "paged_latent" / "state" arrive with other issues
+PAGED_KV = "paged_kv"
+PAGED_LATENT = "paged_latent"
+PLANES = {PAGED_KV: 2, PAGED_LATENT: 1}  # the kinds a transport can move; "state" (hybrid models) is not one yet
+_KIND_OF_PLANES = {planes: kind for kind, planes in PLANES.items()}
 
 # torch dtype -> wire name, kept here so the layout never needs torch to be decoded (the router reads it too)
 _DTYPE_NAMES = {"torch.float32": "float32", "torch.bfloat16": "bfloat16", "torch.float16": "float16"}
@@ -40,15 +47,26 @@ class KVLayout(msgspec.Struct, frozen=True, kw_only=True):
 
     @classmethod
     def from_pool(cls, pool, model_name: str) -> "KVLayout":
-        """pool: [2, num_layers, num_blocks, block_size, num_kv_heads, head_dim] (0 = K, 1 = V)."""
-        if pool.dim() != 6 or pool.shape[0] != 2:
-            raise ValueError(f"expected a [2, L, blocks, block_size, heads, head_dim] pool, got {tuple(pool.shape)}")
+        """pool: [planes, num_layers, num_blocks, block_size, num_kv_heads, head_dim]; the plane count is the kind."""
+        kind = _KIND_OF_PLANES.get(pool.shape[0]) if pool.dim() == 6 else None
+        if kind is None:
+            raise ValueError(f"expected a [planes (2 = K/V, 1 = latent), L, blocks, block_size, heads, head_dim] "
+                             f"pool, got {tuple(pool.shape)}")
         dtype = _DTYPE_NAMES.get(str(pool.dtype))
         if dtype is None:
             raise ValueError(f"unsupported KV dtype {pool.dtype}")
         _, layers, _, block_size, heads, head_dim = pool.shape
         return cls(model=model_name, dtype=dtype, block_size=block_size, num_layers=layers,
-                   num_kv_heads=heads, head_dim=head_dim)
+                   num_kv_heads=heads, head_dim=head_dim, kinds=(kind,) * layers)
+
+    @property
+    def num_planes(self) -> int:
+        """Planes of the one pool this layout describes; every layer must share a kind the transports know."""
+        kinds = set(self.kinds)
+        if len(kinds) != 1 or not kinds <= PLANES.keys():
+            raise ValueError(f"no transport moves a pool of kinds {sorted(kinds)} (supported: one of "
+                             f"{sorted(PLANES)} for every layer)")
+        return PLANES[self.kinds[0]]
 
     @property
     def itemsize(self) -> int:
@@ -56,13 +74,13 @@ class KVLayout(msgspec.Struct, frozen=True, kw_only=True):
 
     @property
     def chunk_bytes(self) -> int:
-        """Bytes of one (K or V, layer, block) slab: the unit a scattered transfer is made of."""
+        """Bytes of one (plane, layer, block) slab: the unit a scattered transfer is made of."""
         return self.block_size * self.num_kv_heads * self.head_dim * self.itemsize
 
     @property
     def block_bytes(self) -> int:
-        """Bytes one block occupies across all layers, K and V."""
-        return 2 * self.num_layers * self.chunk_bytes
+        """Bytes one block occupies across all planes and layers."""
+        return self.num_planes * self.num_layers * self.chunk_bytes
 
     def compat_hash(self) -> str:
         """Stable across processes and Python versions: JSON of the fields in declaration order."""
@@ -77,5 +95,10 @@ def check_compatible(local: KVLayout, remote: KVLayout) -> None:
     """Raise KVLayoutMismatch naming each differing field; return None when blocks can move between them."""
     diffs = [f"{f}: local={getattr(local, f)!r} remote={getattr(remote, f)!r}"
              for f in local.__struct_fields__ if getattr(local, f) != getattr(remote, f)]
+    if set(local.kinds) != set(remote.kinds):
+        # say it plainly first: a field-by-field diff hides that the pools hold different things per token
+        diffs.insert(0, f"cache kinds differ (local stores {'/'.join(sorted(set(local.kinds)))}, remote "
+                        f"{'/'.join(sorted(set(remote.kinds)))}): pools that cache different things per token "
+                        f"(e.g. an MLA model's latents and another model's K/V) cannot exchange blocks")
     if diffs:
         raise KVLayoutMismatch("KV layouts are incompatible: " + "; ".join(diffs))

@@ -1,7 +1,7 @@
 """NIXL (UCX underneath) backend: P writes straight into D's registered pool, D's CPU is not involved.
 
 The pool is registered once as one region. At pairing time each side's pool is also described as a prepped
-descriptor list with one entry per (K/V, layer, block) slab, index (kv * L + layer) * num_blocks + block; a
+descriptor list with one entry per (plane, layer, block) slab, index (plane * L + layer) * num_blocks + block; a
 transfer then just picks indices on both sides (vectorised, no per-block Python), and NIXL merges runs of
 adjacent slabs into single UCX puts. One WRITE request per transfer carries the transfer id as its
 notification, which UCX delivers only after the data, so the receiver's get_new_notifs means "it is in the pool".
@@ -58,7 +58,7 @@ class NixlTransport(KVTransport):
 
     def _slab_table(self, base_addr: int, num_blocks: int) -> np.ndarray:
         """Nx3 (addr, len, dev) rows for every slab of a pool starting at base_addr, in index order."""
-        n = 2 * self.layout.num_layers * num_blocks
+        n = self.layout.num_planes * self.layout.num_layers * num_blocks
         if n >= 2**31:
             raise ValueError("pool has too many slabs for NIXL's int32 descriptor indices")
         table = np.empty((n, 3), dtype=np.uint64)
@@ -68,7 +68,7 @@ class NixlTransport(KVTransport):
         return table
 
     def _slab_indices(self, blocks: torch.Tensor, num_blocks: int) -> np.ndarray:
-        rows = np.arange(2 * self.layout.num_layers, dtype=np.int64)[:, None] * num_blocks
+        rows = np.arange(self.layout.num_planes * self.layout.num_layers, dtype=np.int64)[:, None] * num_blocks
         return (rows + blocks.numpy()[None, :]).astype(np.int32).ravel()
 
     def metadata(self) -> bytes:

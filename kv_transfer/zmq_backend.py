@@ -23,7 +23,7 @@ _TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16"
 
 
 class BlocksHeader(msgspec.Struct, array_like=True, frozen=True):
-    """Frame 1 of a data message; frame 2 is the raw bytes of a [2, L, n, block_size, heads, head_dim] tensor."""
+    """Frame 1 of a data message; frame 2 is the raw bytes of a [planes, L, n, block_size, heads, head_dim] tensor."""
     transfer_id: str
     dst_block_ids: list[int]
     dtype: str
@@ -62,6 +62,7 @@ class ZmqTransport(KVTransport):
         self._recv_poller = zmq.Poller()
         self._recv_poller.register(self._router, zmq.POLLIN)
         self._shape_tail = (layout.num_layers, layout.block_size, layout.num_kv_heads, layout.head_dim)
+        self._planes = layout.num_planes
 
     def metadata(self) -> bytes:
         return msgspec.msgpack.encode(ZmqPeerInfo(name=self.name, layout=self.layout, num_blocks=self.num_blocks,
@@ -81,7 +82,7 @@ class ZmqTransport(KVTransport):
 
     # --- sender ---------------------------------------------------------------------------------------------
     def _start_write(self, peer: ZmqPeerInfo, src: torch.Tensor, dst: torch.Tensor, transfer_id: str) -> None:
-        # one gather over the block dim for all layers and K/V at once; .cpu() is a no-op for CPU pools
+        # one gather over the block dim for all planes and layers at once; .cpu() is a no-op for CPU pools
         data = self.pool.index_select(2, src.to(self.pool.device)).cpu()
         header = BlocksHeader(transfer_id, dst.tolist(), self.layout.dtype, tuple(data.shape))
         self._inflight[transfer_id] = data  # keeps the buffer alive while zmq's I/O thread sends it
@@ -141,7 +142,7 @@ class ZmqTransport(KVTransport):
             log.warning("dropping a message with a malformed header: %s", e)
             return None, None
         n = len(h.dst_block_ids)
-        expected_shape = (2, self._shape_tail[0], n, *self._shape_tail[1:])
+        expected_shape = (self._planes, self._shape_tail[0], n, *self._shape_tail[1:])
         payload = frames[1].buffer
         if self.is_late(h.transfer_id):
             error = "arrived after the receiver's deadline"

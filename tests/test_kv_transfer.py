@@ -34,11 +34,12 @@ def _nixl_works() -> bool:
 NIXL_OK = None  # set below, once _pool exists
 
 
-def _pool(seed, num_blocks=SHAPE["num_blocks"], dtype=torch.float32, num_layers=SHAPE["num_layers"]):
+def _pool(seed, num_blocks=SHAPE["num_blocks"], dtype=torch.float32, num_layers=SHAPE["num_layers"], latent=False):
+    """A K/V pool, or (latent) an MLA pool: one plane, one 'head' as wide as kv_lora_rank + rope dims (20 here)."""
     g = torch.Generator().manual_seed(seed)
     s = SHAPE
-    return torch.randn(2, num_layers, num_blocks, s["block_size"], s["num_kv_heads"], s["head_dim"],
-                       generator=g).to(dtype)
+    planes, heads, width = (1, 1, 20) if latent else (2, s["num_kv_heads"], s["head_dim"])
+    return torch.randn(planes, num_layers, num_blocks, s["block_size"], heads, width, generator=g).to(dtype)
 
 
 NIXL_OK = _probe_nixl()
@@ -73,6 +74,29 @@ def test_layout_from_pool_and_hash():
     assert KVLayout.from_pool(_pool(0), "m").compat_hash() != a.compat_hash()
     with pytest.raises(ValueError):
         KVLayout(model="m", dtype="float32", block_size=4, num_layers=2, num_kv_heads=2, head_dim=8, kinds=("x",))
+
+
+def test_latent_layout_from_pool():
+    a = KVLayout.from_pool(_pool(0, latent=True), "m")
+    assert (a.kinds, a.num_planes, a.num_kv_heads, a.head_dim) == (("paged_latent",) * 3, 1, 1, 20)
+    assert a.chunk_bytes == 4 * 20 * 4 and a.block_bytes == 3 * a.chunk_bytes  # one plane per layer
+    kv = KVLayout.from_pool(_pool(0), "m")
+    assert kv.num_planes == 2 and kv.block_bytes == 2 * 3 * kv.chunk_bytes
+    assert a.compat_hash() != kv.compat_hash()
+    assert msgspec.msgpack.decode(msgspec.msgpack.encode(a), type=KVLayout) == a
+    with pytest.raises(ValueError, match="planes"):
+        KVLayout.from_pool(torch.zeros(3, 1, 2, 4, 1, 8), "m")
+    with pytest.raises(ValueError, match="no transport moves"):
+        msgspec.structs.replace(kv, kinds=("paged_kv", "paged_latent", "paged_kv")).num_planes
+
+
+def test_latent_vs_kv_mismatch_says_so():
+    # same per-token width on both sides, so only the kind (and head count) tells them apart
+    latent = KVLayout(model="m", dtype="float32", block_size=4, num_layers=3, num_kv_heads=1, head_dim=16,
+                      kinds=("paged_latent",) * 3)
+    kv = KVLayout(model="m", dtype="float32", block_size=4, num_layers=3, num_kv_heads=1, head_dim=16)
+    with pytest.raises(KVLayoutMismatch, match="cache kinds differ.*paged_latent.*paged_kv"):
+        check_compatible(latent, kv)
 
 
 @pytest.mark.parametrize("field,value", [("model", "other"), ("dtype", "float16"), ("block_size", 8),
@@ -128,11 +152,16 @@ def test_in_process_scattered_write(kind, dtype):
 def test_add_peer_refuses_layout_mismatch_and_other_backend(kind):
     with make_transport(kind, "P", _pool(1), model_name="m") as p, \
          make_transport(kind, "D", _pool(2, num_layers=2), model_name="m") as d, \
-         make_transport(kind, "D2", _pool(2, dtype=torch.float16), model_name="m") as d2:
+         make_transport(kind, "D2", _pool(2, dtype=torch.float16), model_name="m") as d2, \
+         make_transport(kind, "D3", _pool(2, latent=True), model_name="m") as d3:
         with pytest.raises(KVLayoutMismatch, match="num_layers"):
             p.add_peer(d.metadata())
         with pytest.raises(KVLayoutMismatch, match="dtype"):
             p.add_peer(d2.metadata())
+        with pytest.raises(KVLayoutMismatch, match="cache kinds differ"):
+            p.add_peer(d3.metadata())
+        with pytest.raises(KVLayoutMismatch, match="cache kinds differ"):
+            d3.add_peer(p.metadata())
         with pytest.raises(ValueError, match="malformed"):
             p.add_peer(b"\x00garbage")
     other = "zmq" if kind == "nixl" else "nixl"
@@ -214,9 +243,9 @@ def test_auto_picks_a_working_backend():
 
 
 # --- two processes ----------------------------------------------------------------------------------------------
-def _receiver_main(kind, conn):
+def _receiver_main(kind, conn, latent=False):
     """Child: owns pool D, hands over metadata, keeps polling (NIXL needs receiver progress), answers commands."""
-    pool = _pool(2, num_blocks=10)
+    pool = _pool(2, num_blocks=10, latent=latent)
     with make_transport(kind, "D", pool, model_name="m") as t:
         conn.send(t.metadata())
         results = []
@@ -232,10 +261,10 @@ def _receiver_main(kind, conn):
                     return
 
 
-def _spawn_receiver(kind):
+def _spawn_receiver(kind, latent=False):
     ctx = mp.get_context("spawn")
     parent, child = ctx.Pipe()
-    proc = ctx.Process(target=_receiver_main, args=(kind, child), daemon=True)
+    proc = ctx.Process(target=_receiver_main, args=(kind, child, latent), daemon=True)
     proc.start()
     assert parent.poll(60), "receiver did not start"
     return proc, parent, parent.recv()
@@ -247,12 +276,13 @@ def _ask(conn, cmd):
     return conn.recv()
 
 
+@pytest.mark.parametrize("latent", [False, True], ids=["kv", "latent"])
 @pytest.mark.parametrize("kind", BACKENDS)
-def test_two_processes_scattered_write(kind):
-    proc, conn, meta = _spawn_receiver(kind)
+def test_two_processes_scattered_write(kind, latent):
+    proc, conn, meta = _spawn_receiver(kind, latent)
     try:
-        before = _pool(2, num_blocks=10)
-        src_pool = _pool(1)
+        before = _pool(2, num_blocks=10, latent=latent)
+        src_pool = _pool(1, latent=latent)
         with make_transport(kind, "P", src_pool, model_name="m", timeout_s=10) as p:
             peer = p.add_peer(meta)
             for tid, src, dst in [("a", SRC, DST), ("b", [11, 0], [9, 8])]:
