@@ -14,7 +14,7 @@ from common.model_runner import ModelRunner
 from common.sampling_params import SamplingParams
 from common.scheduler import Scheduler
 from common.sequence import Sequence, SequenceStatus
-from common.speculative import propose_ngram
+from common.speculative import draft_room, propose_ngram
 
 
 def eos_token_ids(folder: str, hf_config) -> set[int]:
@@ -34,7 +34,15 @@ class LLMEngine:
     def __init__(self, config: EngineConfig, hold_finished: bool = False):
         self.config = config
         self.hold_finished = hold_finished
+        spec = config.speculative
+        # a prefill worker (hold_finished) never decodes past the first token, so it has nothing to draft for
+        self.drafter = None
+        if spec is not None and spec.method == "draft_model" and not hold_finished:
+            from common.draft_model import DraftProposer
+            self.drafter = DraftProposer(config, spec)  # checks the draft's config before the target loads
         self.runner = ModelRunner(config)
+        if self.drafter is not None:
+            self.drafter.load(self.runner.num_blocks)
         self.block_manager = BlockManager(self.runner.num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
         self.eos_ids = eos_token_ids(config.model, config.hf_config)
@@ -44,6 +52,7 @@ class LLMEngine:
         self._grammar_compiler = None  # made on the first request with a grammar (loads the tokenizer)
         self.num_draft_tokens = 0  # speculative tokens proposed and checked
         self.num_accepted_tokens = 0  # of which kept
+        self.num_verify_steps = 0  # (sequence, step) pairs that verified at least one draft
 
     def add_request(self, token_ids: list[int], params: SamplingParams, request_id: str | None = None) -> Sequence:
         seq = self.new_sequence(token_ids, params, request_id)
@@ -100,6 +109,10 @@ class LLMEngine:
         drafted = self._propose_drafts()
         scheduled = self.scheduler.schedule()
         self._trim_drafts(drafted, scheduled)
+        if self.drafter is not None:
+            kept = [seq for seq in drafted if seq.num_draft]
+            if kept:
+                self.drafter.propose(kept)
         if not scheduled:
             return []
         seqs, tokens, logprobs = self.runner.run(scheduled)
@@ -118,6 +131,8 @@ class LLMEngine:
             seq = seqs[i]
             rows = 1 + seq.num_draft
             self._accept(seq, tokens[i:i + rows], logprobs[i:i + rows])
+            # the draft model's KV for rejected positions is stale: recomputed when it catches up
+            seq.num_draft_kv_tokens = min(seq.num_draft_kv_tokens, seq.num_computed_tokens)
             sampled.append(seq)
             i += rows
         for seq, _ in scheduled:
@@ -128,38 +143,45 @@ class LLMEngine:
         """Keep the sampled tokens up to and including the first that differs from its draft."""
         drafts = seq.token_ids[len(seq.token_ids) - seq.num_draft:] if seq.num_draft else []
         del seq.token_ids[len(seq.token_ids) - seq.num_draft:]
-        self.num_draft_tokens += len(drafts)
+        if drafts:
+            self.num_verify_steps += 1
+            self.num_draft_tokens += len(drafts)
+            seq.num_spec_draft_tokens += len(drafts)
         seq.num_draft = seq.num_new_tokens = 0
         for j, token in enumerate(tokens):
             self._append(seq, token)
             seq.num_new_tokens += 1
             if seq.logprobs is not None:
                 seq.logprobs.append(logprobs[j])
+            accepted = j < len(drafts) and token == drafts[j]
+            if accepted:
+                self.num_accepted_tokens += 1
+                seq.num_spec_accepted_tokens += 1
+                seq.num_computed_tokens += 1  # the draft's KV is this token's: keep it
             reason = self._finish_reason(seq, token)
             if reason:
                 self.scheduler.finish(seq, reason, free=not self.hold_finished)
                 return
-            if j >= len(drafts) or token != drafts[j]:
+            if not accepted:
                 return
-            self.num_accepted_tokens += 1
-            seq.num_computed_tokens += 1  # the draft's KV is this token's: keep it
 
     def _propose_drafts(self) -> list[Sequence]:
-        """n-gram drafts for running decodes that plain sampling would treat position by position."""
+        """Drafts for the running decodes that may verify some (see draft_room): n-gram drafts, or for a draft
+        model placeholders, which reserve the drafts' slots in the scheduler and are filled after it ran."""
         spec = self.config.speculative
-        if spec is None or (spec.disable_by_batch_size is not None
-                            and len(self.scheduler.running) > spec.disable_by_batch_size):
+        if spec is None or (spec.method == "draft_model" and self.drafter is None):  # a prefill worker
+            return []
+        if spec.disable_by_batch_size is not None and len(self.scheduler.running) > spec.disable_by_batch_size:
             return []
         drafted = []
         for seq in self.scheduler.running:
-            p = seq.params
-            if seq.num_output_tokens == 0 or seq.num_computed_tokens + 1 != seq.num_tokens or p.has_penalties \
-                    or p.logprobs is not None or seq.grammar is not None:
+            room = draft_room(seq, spec.num_speculative_tokens, self.config.max_model_len)
+            if not room:
                 continue
-            room = min((p.max_tokens or self.config.max_model_len) - seq.num_output_tokens,
-                       self.config.max_model_len - seq.num_tokens) - 1
-            drafts = propose_ngram(seq.token_ids, min(spec.num_speculative_tokens, room), spec.prompt_lookup_max,
-                                   spec.prompt_lookup_min)
+            if self.drafter is not None:  # any token will do: propose() overwrites them before the target runs
+                drafts = [seq.token_ids[-1]] * min(room, self.drafter.max_drafts(seq))
+            else:
+                drafts = propose_ngram(seq.token_ids, room, spec.prompt_lookup_max, spec.prompt_lookup_min)
             if drafts:
                 seq.token_ids.extend(drafts)
                 seq.num_draft = len(drafts)
@@ -244,4 +266,8 @@ class LLMEngine:
             "num_running": len(self.scheduler.running),
             "spec_draft_tokens": self.num_draft_tokens,
             "spec_accepted_tokens": self.num_accepted_tokens,
+            "spec_verify_steps": self.num_verify_steps,
+            # vLLM's mean acceptance length: tokens a verify step yields (its accepted drafts + the one it samples)
+            "spec_mean_acceptance_length": (1 + self.num_accepted_tokens / self.num_verify_steps
+                                            if self.num_verify_steps else None),
         }

@@ -70,6 +70,9 @@ class LLM:
             "finish_reason": seq.finish_reason,
             "logprobs": seq.logprobs,
             "num_cached_tokens": seq.num_cached_tokens,
+            # speculative decoding: draft tokens this request verified, and how many of them were kept
+            "num_draft_tokens": seq.num_spec_draft_tokens,
+            "num_accepted_tokens": seq.num_spec_accepted_tokens,
         }
 
     def stats(self) -> dict:

@@ -22,8 +22,11 @@ class Sequence:
         self.num_prompt_tokens = len(token_ids)
         self.params = params
         self.status = SequenceStatus.WAITING
+        # leading tokens whose draft-model KV (draft_model speculation) sits in the draft pool's copy of this
+        # sequence's blocks; the num_computed_tokens setter rolls it back
+        self.num_draft_kv_tokens = 0
         # tokens whose KV is in the cache; the rest of token_ids still has to go through the model
-        self.num_computed_tokens = 0
+        self._num_computed_tokens = 0
         self.num_cached_tokens = 0  # prefix-cache hit of the latest admission
         self.block_table: list[int] = []
         self.num_registered_blocks = 0  # leading full blocks already published to the prefix cache
@@ -33,6 +36,21 @@ class Sequence:
         self.grammar = None  # common.grammar.GrammarMatcher when params.grammar is set
         self.num_draft = 0  # speculative tokens at the end of token_ids, not yet verified
         self.num_new_tokens = 0  # tokens the latest step appended (several when drafts were accepted)
+        self.num_spec_draft_tokens = 0  # speculative tokens this request verified
+        self.num_spec_accepted_tokens = 0  # of which kept
+
+    @property
+    def num_computed_tokens(self) -> int:
+        return self._num_computed_tokens
+
+    @num_computed_tokens.setter
+    def num_computed_tokens(self, n: int):
+        # the count only falls when the blocks are given back (preemption, finish): the draft model's KV lived in
+        # those same blocks, so it is gone too. (Rejected drafts never counted as computed; the engine trims the
+        # draft count for those itself.)
+        if n < self._num_computed_tokens:
+            self.num_draft_kv_tokens = min(self.num_draft_kv_tokens, n)
+        self._num_computed_tokens = n
 
     @property
     def num_tokens(self) -> int:
