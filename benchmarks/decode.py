@@ -1,8 +1,10 @@
-"""Decode speed: tokens/s of the engine's decode loop at several batch sizes, plain vs n-gram speculation, on a
-copy-heavy workload (the model is asked to repeat code, so n-gram drafts are often right) and on random prompts.
+"""Decode speed: tokens/s of the engine's decode loop at several batch sizes for an eager step, a compiled step
+(torch.compile on CPU, CUDA graphs on GPU) and a compiled step with n-gram speculation (and with a draft model when
+--draft-model is given), on a copy-heavy workload (the model is asked to repeat code, so n-gram drafts are often
+right) and on random prompts.
 
-One table; every row checks that the speculative output equals the plain output token for token (greedy).
-Compiled / CUDA-graph steps are not built yet, so there is no "compiled" column.
+One table; every row checks that its output equals the eager output token for token (greedy). Compilation happens
+in a warm-up before anything is timed.
 
     .venv/bin/python benchmarks/decode.py [--model M] [--dtype float32] [--batch-sizes 1 8 64] [--max-tokens 128]
 """
@@ -59,6 +61,13 @@ def run(llm: LLM, conversations, max_tokens: int) -> tuple[float, list[list[int]
     return (sum(s.num_output_tokens for s in seqs) - base) / elapsed, [s.output_token_ids for s in seqs]
 
 
+def warm_up(llm: LLM):
+    """Compile (or capture) the decode step for batch 1 and for larger batches before anything is timed."""
+    params = SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True)
+    llm.generate([[1, 2, 3, 4]], params, use_tqdm=False)
+    llm.generate([[1, 2, 3, 4], [5, 6, 7]], params, use_tqdm=False)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=None)
@@ -68,11 +77,22 @@ def main():
     ap.add_argument("--num-speculative-tokens", type=int, default=5)
     ap.add_argument("--disable-by-batch-size", type=int, default=None,
                     help="no drafts while more sequences than this are running")
+    ap.add_argument("--draft-model", default=None, help="also time draft-model speculation with this model")
+    ap.add_argument("--compiled-mode", default="compile", choices=["compile", "cuda_graph"])
+    ap.add_argument("--device", default="cpu")
     a = ap.parse_args()
-    spec_cfg = {"method": "ngram", "num_speculative_tokens": a.num_speculative_tokens,
-                "disable_by_batch_size": a.disable_by_batch_size}
-    engines = {"eager": LLM(a.model, dtype=a.dtype), "eager + ngram": LLM(a.model, dtype=a.dtype,
-                                                                        speculative_config=spec_cfg)}
+    ngram = {"method": "ngram", "num_speculative_tokens": a.num_speculative_tokens,
+             "disable_by_batch_size": a.disable_by_batch_size}
+    shared = dict(dtype=a.dtype, device=a.device, max_num_seqs=max(a.batch_sizes))
+    engines = {"eager": LLM(a.model, decode_mode="eager", **shared),
+               "compiled": LLM(a.model, decode_mode=a.compiled_mode, **shared),
+               "compiled + ngram": LLM(a.model, decode_mode=a.compiled_mode, speculative_config=ngram, **shared)}
+    if a.draft_model:
+        draft = {"method": "draft_model", "model": a.draft_model, "num_speculative_tokens": a.num_speculative_tokens,
+                 "disable_by_batch_size": a.disable_by_batch_size}
+        engines["compiled + draft"] = LLM(a.model, decode_mode=a.compiled_mode, speculative_config=draft, **shared)
+    for llm in engines.values():
+        warm_up(llm)
     print("| workload | batch | engine | decode tok/s | x eager | accepted / proposed | same output |")
     print("|---|---:|---|---:|---:|---|---|")
     for batch in a.batch_sizes:

@@ -38,6 +38,9 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     seed: int = 0
     speculative_config: dict | None = None  # {"method": "ngram", "num_speculative_tokens": k, ...}
+    device: str = "cpu"  # "cuda" / "cuda:N" on a GPU machine
+    # decode-only steps: "eager", "compile" (torch.compile, CPU), "cuda_graph" (GPU), "auto" (the device's best)
+    decode_mode: str = "auto"
     hf_config: object = field(default=None, repr=False)
 
     def __post_init__(self):
@@ -52,6 +55,15 @@ class EngineConfig:
         check(isinstance(self.max_num_seqs, int) and self.max_num_seqs >= 1, "max_num_seqs must be >= 1")
         check(isinstance(self.max_num_batched_tokens, int) and self.max_num_batched_tokens >= 1,
               "max_num_batched_tokens must be >= 1")
+        from common.compiled_step import MODES
+        try:
+            device = torch.device(self.device)
+        except (RuntimeError, TypeError) as e:
+            raise InvalidRequestError(f"bad device {self.device!r}: {e}") from e
+        check(device.type == "cpu" or (device.type == "cuda" and torch.cuda.is_available()),
+              f"device {self.device!r} is not available here (cpu{', cuda' if torch.cuda.is_available() else ''})")
+        check(self.decode_mode != "cuda_graph" or device.type == "cuda", "decode_mode cuda_graph needs a CUDA device")
+        check(self.decode_mode in MODES, f"decode_mode must be one of {list(MODES)}")
         check(self.num_kv_blocks is None or (isinstance(self.num_kv_blocks, int) and self.num_kv_blocks >= 1),
               "num_kv_blocks must be a positive integer")
         self.model = resolve_model(self.model, "float32" if self.dtype == "auto" else self.dtype)

@@ -3,6 +3,7 @@ import math
 
 import torch
 
+from common.compiled_step import CompiledDecode, resolve_mode
 from common.config import EngineConfig
 from common.layers.attention import AttentionMetadata, PrefillChunk
 from common.layers.sampler import sample
@@ -13,9 +14,9 @@ from kv_transfer.layout import PAGED_KV, PLANES
 
 
 class ModelRunner:
-    def __init__(self, config: EngineConfig, device: str = "cpu"):
+    def __init__(self, config: EngineConfig):
         self.config = config
-        self.device = torch.device(device)
+        self.device = torch.device(config.device)
         hf = config.hf_config
         torch.manual_seed(config.seed)
         default_dtype = torch.get_default_dtype()
@@ -34,12 +35,21 @@ class ModelRunner:
         planes = PLANES[getattr(self.model, "kv_cache_kind", PAGED_KV)]
         token_shape = (planes, len(layers), first.num_kv_heads, first.head_dim)
         self.num_blocks = config.num_kv_blocks or self._blocks_for_budget(config.kv_cache_memory_gb, token_shape)
+        self.decode_mode = resolve_mode(config.decode_mode, self.device)
+        # CUDA-graph padding rows write into one scratch block past those the block manager hands out
+        scratch = 1 if self.decode_mode == "cuda_graph" else 0
         # one pool for every layer, so a transfer engine can register it once
-        self.kv_pool = torch.zeros(planes, len(layers), self.num_blocks, self.block_size, first.num_kv_heads,
-                                   first.head_dim, dtype=config.torch_dtype, device=self.device)
+        self.kv_pool = torch.zeros(planes, len(layers), self.num_blocks + scratch, self.block_size,
+                                   first.num_kv_heads, first.head_dim, dtype=config.torch_dtype, device=self.device)
         for i, attn in enumerate(layers):
             # a latent pool's single plane is MLA's keys and (its first kv_lora_rank dims) its values
             attn.k_cache, attn.v_cache = self.kv_pool[0, i], self.kv_pool[planes - 1, i]
+        self.decode_step = None
+        if self.decode_mode != "eager":
+            self.decode_step = CompiledDecode(
+                self.model, self.decode_mode, max_batch=config.max_num_seqs,
+                max_blocks=-(-config.max_model_len // self.block_size), block_size=self.block_size,
+                scratch_slot=self.num_blocks * self.block_size if scratch else None)
 
     def _blocks_for_budget(self, gigabytes: float, token_shape: tuple[int, ...]) -> int:
         per_token = math.prod(token_shape)
@@ -99,7 +109,10 @@ class ModelRunner:
     def run(self, scheduled: list[tuple[Sequence, int]]):
         """One forward pass; returns the sequences that sampled, their tokens and logprobs entries."""
         input_ids, positions, meta, rows, seqs, sample_positions = self.prepare(scheduled)
-        hidden = self.model(input_ids, positions, meta)
+        if self.decode_step is not None and self.decode_step.supports(meta):
+            hidden = self.decode_step(input_ids, positions, meta)
+        else:
+            hidden = self.model(input_ids, positions, meta)
         if not seqs:
             return [], [], []
         logits = self.model.compute_logits(hidden[rows]).float()

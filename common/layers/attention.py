@@ -5,7 +5,13 @@ queries (one new token each) run as one batched gather + SDPA, with the query he
 the query-length dimension so grouped-query attention needs no repeated K/V. Prefill chunks run one sequence at a
 time: a chunk with no cached context uses its own fresh K/V with a causal mask, otherwise it reads its whole
 context back from the blocks.
+
+A decode-only batch run by a compiled step (`common/compiled_step.py`) reaches the cache through one opaque custom
+op per layer: the compiler then neither traces the scattered cache writes (a traced in-place write into a view of
+the pool makes it copy the pool) nor specialises on the context length.
 """
+import itertools
+import weakref
 from dataclasses import dataclass, field
 
 import torch
@@ -28,6 +34,12 @@ class AttentionMetadata:
     decode_block_tables: torch.Tensor | None = None  # [num_decode, max_blocks]
     decode_mask: torch.Tensor | None = None  # [num_decode, 1, 1, max_blocks * block_size], True = attend
     prefills: list[PrefillChunk] = field(default_factory=list)
+    opaque: bool = False  # a compiled decode-only step: attend through the nano_pd::paged_decode op
+
+
+# layer id -> layer, so the custom op can find a layer's cache without the compiler seeing the cache tensors
+_LAYERS: "weakref.WeakValueDictionary[int, PagedAttention]" = weakref.WeakValueDictionary()
+_NEXT_ID = itertools.count()
 
 
 class PagedAttention(nn.Module):
@@ -36,23 +48,20 @@ class PagedAttention(nn.Module):
         self.num_heads, self.num_kv_heads, self.head_dim, self.scale = num_heads, num_kv_heads, head_dim, scale
         # [num_blocks, block_size, num_kv_heads, head_dim] views into the engine's one pool, set by the runner
         self.k_cache = self.v_cache = torch.empty(0)
+        self.layer_id = next(_NEXT_ID)
+        _LAYERS[self.layer_id] = self
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         """q: [tokens, heads, head_dim]; k, v: [tokens, kv_heads, head_dim] -> [tokens, heads * head_dim]."""
-        kc, vc = self.k_cache, self.v_cache
-        flat_k, flat_v = kc.view(-1, self.num_kv_heads, self.head_dim), vc.view(-1, self.num_kv_heads, self.head_dim)
-        flat_k.index_copy_(0, meta.slot_mapping, k)
-        flat_v.index_copy_(0, meta.slot_mapping, v)
+        if meta.opaque:
+            return torch.ops.nano_pd.paged_decode(q, k, v, self.layer_id, meta.slot_mapping,
+                                                  meta.decode_block_tables, meta.decode_mask)
+        self.write(k, v, meta.slot_mapping)
         out = torch.empty_like(q)
-        group = self.num_heads // self.num_kv_heads
         if meta.num_decode:
             n = meta.num_decode
-            # [n, blocks, block_size, kv_heads, d] -> [n, kv_heads, context, d]
-            ctx_k = kc[meta.decode_block_tables].flatten(1, 2).transpose(1, 2)
-            ctx_v = vc[meta.decode_block_tables].flatten(1, 2).transpose(1, 2)
-            qd = q[:n].view(n, self.num_kv_heads, group, self.head_dim)
-            o = F.scaled_dot_product_attention(qd, ctx_k, ctx_v, attn_mask=meta.decode_mask, scale=self.scale)
-            out[:n] = o.reshape(n, self.num_heads, self.head_dim)
+            out[:n] = self.decode(q[:n], meta.decode_block_tables, meta.decode_mask).view(n, self.num_heads, -1)
+        kc, vc = self.k_cache, self.v_cache
         for chunk in meta.prefills:
             qp = q[chunk.start:chunk.end].transpose(0, 1).unsqueeze(0)  # [1, heads, chunk, d]
             if chunk.block_table is None:
@@ -70,3 +79,32 @@ class PagedAttention(nn.Module):
                 o = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=mask, scale=self.scale, enable_gqa=True)
             out[chunk.start:chunk.end] = o.squeeze(0).transpose(0, 1)
         return out.flatten(1)
+
+    def write(self, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor):
+        self.k_cache.view(-1, self.num_kv_heads, self.head_dim).index_copy_(0, slot_mapping, k)
+        self.v_cache.view(-1, self.num_kv_heads, self.head_dim).index_copy_(0, slot_mapping, v)
+
+    def decode(self, q: torch.Tensor, block_tables: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """One query token per sequence, all sequences in one SDPA: [n, heads, d] -> [n, heads * d]."""
+        n = q.shape[0]
+        # [n, blocks, block_size, kv_heads, d] -> [n, kv_heads, context, d]
+        ctx_k = self.k_cache[block_tables].flatten(1, 2).transpose(1, 2)
+        ctx_v = self.v_cache[block_tables].flatten(1, 2).transpose(1, 2)
+        qd = q.view(n, self.num_kv_heads, self.num_heads // self.num_kv_heads, self.head_dim)
+        o = F.scaled_dot_product_attention(qd, ctx_k, ctx_v, attn_mask=mask, scale=self.scale)
+        return o.reshape(n, self.num_heads * self.head_dim)
+
+
+@torch.library.custom_op("nano_pd::paged_decode", mutates_args=())
+def paged_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer_id: int, slot_mapping: torch.Tensor,
+                 block_tables: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    # declared pure on purpose: the cache it writes is reached through the layer id, and the op's output feeds the
+    # next layer, so the compiler can neither drop nor reorder it
+    layer = _LAYERS[layer_id]
+    layer.write(k, v, slot_mapping)
+    return layer.decode(q, block_tables, mask)
+
+
+@paged_decode.register_fake
+def _(q, k, v, layer_id, slot_mapping, block_tables, mask):
+    return q.new_empty(q.shape[0], q.shape[1] * q.shape[2])
