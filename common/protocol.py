@@ -46,6 +46,7 @@ class WorkerLoad(msgspec.Struct, array_like=True):
     requests_done: int = 0  # cumulative requests this worker completed its part of
     spec_draft_tokens: int = 0  # cumulative speculative tokens proposed (decode)
     spec_accepted_tokens: int = 0  # of which accepted
+    spec_verify_steps: int = 0  # cumulative forward passes that verified drafts
 
 
 # --- worker -> router ------------------------------------------------------------------------------------------
@@ -63,6 +64,9 @@ class TokenOutput(msgspec.Struct, array_like=True):
     retryable: bool = False  # the error is the cluster's (a peer vanished, a lease ran out), not the request's
     num_cached_tokens: int = -1  # set on a request's first output: prompt tokens the prefill cache served
     logprobs: list[dict[int, float]] | None = None  # one entry per token id, when the request asked for them
+    # set on a request's last output: speculative tokens proposed for it on this worker, and how many were kept
+    num_draft_tokens: int = 0
+    num_accepted_tokens: int = 0
 
 
 class Tokens(msgspec.Struct, tag="tokens"):

@@ -55,6 +55,8 @@ def add_worker_args(ap: argparse.ArgumentParser) -> argparse.ArgumentParser:
     ap.add_argument("--no-prefix-caching", action="store_true")
     ap.add_argument("--speculative-config", type=json.loads, default=None,
                     help='JSON, e.g. \'{"method": "ngram", "num_speculative_tokens": 3}\' (decode workers)')
+    ap.add_argument("--decode-mode", default="auto", choices=["auto", "eager", "compile"],
+                    help="decode-only steps: torch.compile'd or eager (auto: eager on CPU)")
     ap.add_argument("--log-level", default="info")
     return ap
 
@@ -76,7 +78,8 @@ class WorkerRuntime:
             model=args.model, dtype=args.dtype, block_size=args.block_size, num_kv_blocks=args.num_kv_blocks,
             kv_cache_memory_gb=args.kv_cache_memory_gb, max_num_seqs=args.max_num_seqs,
             max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
-            enable_prefix_caching=not args.no_prefix_caching, speculative_config=args.speculative_config),
+            enable_prefix_caching=not args.no_prefix_caching, speculative_config=args.speculative_config,
+            decode_mode=args.decode_mode),
             hold_finished=hold_finished)
         self.worker_id = f"{args.name or role}-{socket.gethostname()}-{os.getpid()}"
         self.advertise_host = args.advertise_host or args.host
@@ -125,7 +128,8 @@ class WorkerRuntime:
                              "prefix_cache_queries": s["prefix_cache_queries"],
                              "prefix_cache_hits": s["prefix_cache_hit_tokens"],
                              "num_preemptions": s["num_preemptions"], "spec_draft_tokens": s["spec_draft_tokens"],
-                             "spec_accepted_tokens": s["spec_accepted_tokens"], **extra})
+                             "spec_accepted_tokens": s["spec_accepted_tokens"],
+                             "spec_verify_steps": s["spec_verify_steps"], **extra})
 
     def _control_loop(self, load_fn):
         control = self._socket(zmq.DEALER)

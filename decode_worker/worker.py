@@ -189,6 +189,8 @@ class DecodeWorker:
         if seq.is_finished:
             self.running.pop(seq.request_id, None)
             self.requests_done += 1
+            first_output_stats.update(num_draft_tokens=seq.num_spec_draft_tokens,
+                                      num_accepted_tokens=seq.num_spec_accepted_tokens)
         logprobs = seq.logprobs[-len(token_ids):] if seq.logprobs is not None else None
         self._outputs.append(TokenOutput(seq.request_id, token_ids, seq.finish_reason, logprobs=logprobs,
                                          **first_output_stats))

@@ -301,7 +301,8 @@ class Generation:
         self.metrics.e2e.observe(now - self.state.arrival)
         if self.num_tokens > 1:
             self.metrics.tpot.observe((now - self.first_token_at) / (self.num_tokens - 1))
-        self.metrics.finished(self.finish_reason, len(self.state.prompt_ids))
+        self.metrics.finished(self.finish_reason, len(self.state.prompt_ids), self.state.num_draft_tokens,
+                              self.state.num_accepted_tokens)
 
     def close(self):
         """Whatever ended the response (done, error, client gone), the workers must stop spending on it.

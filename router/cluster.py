@@ -61,6 +61,10 @@ class RequestState:
     in_prefill: bool = True
     done: bool = False
     num_cached_tokens: int = 0
+    # speculative tokens proposed for / accepted in this request, summed over its attempts (a migration restarts
+    # the counts on the new worker)
+    num_draft_tokens: int = 0
+    num_accepted_tokens: int = 0
     rejected_by: set[str] = dataclasses.field(default_factory=set)
     # requests (the other choices of an n > 1 request) dispatched once this one's prompt KV exists, to the same
     # workers, so they reuse its prompt blocks from both prefix caches instead of computing them again
@@ -365,6 +369,8 @@ class Cluster:
                 req.num_cached_tokens = max(out.num_cached_tokens, 0)
             self._release_followers(req)
         req.output_ids.extend(out.token_ids)
+        req.num_draft_tokens += out.num_draft_tokens
+        req.num_accepted_tokens += out.num_accepted_tokens
         if out.finish_reason is not None:
             req.done = True
             self._detach(req)

@@ -11,6 +11,7 @@ from router.metrics import Counter, Gauge, Histogram, Registry
 LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
                    20.0, 40.0, 80.0)
 TRANSFER_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+ACCEPTANCE_BUCKETS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 
 
 class RouterMetrics:
@@ -43,10 +44,15 @@ class RouterMetrics:
                                              "Request attempts re-issued after a worker died or failed."))
         self.worker_deaths = r.register(Counter("nano_pd:worker_deaths_total", "Workers declared dead.",
                                                 ("role",)))
+        self.request_acceptance = r.register(Histogram(
+            "nano_pd:request_spec_acceptance_rate", "Per finished request: accepted / proposed speculative tokens.",
+            ACCEPTANCE_BUCKETS, m)).labels(model_name=model_name)
 
-    def finished(self, reason: str, prompt_tokens: int):
+    def finished(self, reason: str, prompt_tokens: int, draft_tokens: int = 0, accepted_tokens: int = 0):
         self.request_success.labels(model_name=self.model_name, finished_reason=reason).inc()
         self.prompt_tokens.inc(prompt_tokens)
+        if draft_tokens:
+            self.request_acceptance.observe(accepted_tokens / draft_tokens)
 
     def render(self, cluster) -> str:
         return self.registry.render() + self._cluster_metrics(cluster).render()
@@ -67,9 +73,13 @@ class RouterMetrics:
                                     ("model_name",)))
         accepted = r.register(Counter("vllm:spec_decode_num_accepted_tokens_total",
                                       "Speculative tokens accepted.", ("model_name",)))
+        # vLLM's name; mean acceptance length = 1 + accepted tokens / this
+        steps = r.register(Counter("vllm:spec_decode_num_drafts_total", "Forward passes that verified drafts.",
+                                   ("model_name",)))
         totals = {role: [old.prefix_cache_queries, old.prefix_cache_hits] for role, old in cluster.retired.items()}
         spec = [sum(old.spec_draft_tokens for old in cluster.retired.values()),
-                sum(old.spec_accepted_tokens for old in cluster.retired.values())]
+                sum(old.spec_accepted_tokens for old in cluster.retired.values()),
+                sum(old.spec_verify_steps for old in cluster.retired.values())]
         counts = {"prefill": 0, "decode": 0}
         for w in cluster.workers.values():
             role, load = w.info.role, w.load
@@ -77,6 +87,7 @@ class RouterMetrics:
             totals[role][1] += load.prefix_cache_hits
             spec[0] += load.spec_draft_tokens
             spec[1] += load.spec_accepted_tokens
+            spec[2] += load.spec_verify_steps
             if not w.alive:
                 continue
             counts[role] += 1
@@ -86,6 +97,7 @@ class RouterMetrics:
             usage.labels(**key).set(1 - load.free_blocks / load.total_blocks if load.total_blocks else 0)
         drafts.labels(model_name=self.model_name).inc(spec[0])
         accepted.labels(model_name=self.model_name).inc(spec[1])
+        steps.labels(model_name=self.model_name).inc(spec[2])
         for role in counts:
             alive.labels(role=role).set(counts[role])
             queries.labels(model_name=self.model_name, role=role).inc(totals[role][0])

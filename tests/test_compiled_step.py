@@ -9,6 +9,7 @@ import torch
 from common import LLM, SamplingParams
 from common.compiled_step import batch_buckets, resolve_mode
 from common.errors import InvalidRequestError
+from tests.test_cluster import model_dir, offline  # noqa: F401  (module fixtures, reused)
 from tests.tiny_models import TinyConfig
 
 TINY = TinyConfig(arch="qwen3", num_heads=4, num_kv_heads=2, head_dim=32, hidden_size=128, num_layers=2)
@@ -86,3 +87,18 @@ def test_cuda_graph_decode_equals_eager(tiny_model_factory):
     got = [o["token_ids"] for o in generate(llm, PROMPTS)]
     assert got == want
     assert sorted(llm.engine.runner.decode_step._graphs) == [1, 2, 4, 8]  # captured once per bucket used
+
+
+def test_decode_worker_compiled_with_ngram_matches_offline(model_dir, offline):  # noqa: F811
+    """A decode worker with --decode-mode compile and n-gram speculation: eager verify steps and compiled plain
+    steps interleave, and the text is the eager offline engine's."""
+    from tests.cluster_harness import LocalCluster
+    from tests.test_cluster import prompts, run_concurrently, stream_chat
+
+    ps = prompts(6, seed=5)
+    with LocalCluster(model_dir, 1, 1, transport="zmq",
+                      worker_args=("--num-kv-blocks", "512", "--decode-mode", "compile", "--speculative-config",
+                                   '{"method": "ngram", "num_speculative_tokens": 3}')) as c:
+        client = c.openai()
+        results = run_concurrently(lambda p: stream_chat(client, p, 32, ignore_eos=True), ps, workers=6)
+        assert [r["text"] for r in results] == offline(ps, 32, ignore_eos=True)

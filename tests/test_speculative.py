@@ -390,3 +390,8 @@ def test_decode_worker_with_draft_model_matches_offline(model_dir, offline, draf
         text = c.get("/metrics")[1].decode()
         # the model drafting for itself is accepted nearly always, which it could not be on empty draft KV
         assert metric_value(text, series.format("accepted")) >= 0.9 * metric_value(text, series.format("draft"))
+        assert metric_value(text, 'vllm:spec_decode_num_drafts_total{model_name="tiny"}') > 0
+        # one acceptance rate per finished request, from the counts its decode worker sent with its last tokens
+        rates = 'nano_pd:request_spec_acceptance_rate_{}{{model_name="tiny"}}'
+        assert metric_value(text, rates.format("count")) == len(ps)
+        assert metric_value(text, rates.format("sum")) >= 0.9 * len(ps)
