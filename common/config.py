@@ -1,10 +1,13 @@
 """Engine configuration: resolves the model, reads its HF config and checks the engine arguments."""
+import logging
 import os
 from dataclasses import dataclass, field
 
 import torch
 
 from common.errors import InvalidRequestError, ModelLoadError
+
+log = logging.getLogger("nano_pd.config")
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -80,6 +83,16 @@ class EngineConfig:
         self.max_model_len = self.max_model_len or limit
         from common.speculative import SpeculativeConfig
         self.speculative = SpeculativeConfig.from_dict(self.speculative_config)
+        from common.models import model_class
+        arch = model_class(self.hf_config)
+        if getattr(arch, "has_recurrent_state", False):
+            # the state of a sequence is one running value: no other sequence can start from it (prefix
+            # caching) and rejected draft tokens cannot be taken back out of it (speculative decoding)
+            check(self.speculative is None, f"{arch.__name__} keeps a recurrent state that cannot be rolled back: "
+                                            f"speculative decoding is not supported for it")
+            if self.enable_prefix_caching:
+                log.info("%s keeps a per-sequence recurrent state: prefix caching is off", arch.__name__)
+                self.enable_prefix_caching = False
 
     @property
     def torch_dtype(self) -> torch.dtype:

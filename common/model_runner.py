@@ -1,4 +1,5 @@
 """Owns the model and its paged KV pool; turns a scheduled batch into one forward pass and samples."""
+import logging
 import math
 
 import torch
@@ -11,6 +12,8 @@ from common.loader import load_weights
 from common.models import model_class
 from common.sequence import Sequence
 from kv_transfer.layout import PAGED_KV, PLANES
+
+log = logging.getLogger("nano_pd.runner")
 
 
 class ModelRunner:
@@ -34,8 +37,17 @@ class ModelRunner:
         # what a token leaves in the cache: K and V planes, or (MLA) one plane holding the compressed latent
         planes = PLANES[getattr(self.model, "kv_cache_kind", PAGED_KV)]
         token_shape = (planes, len(layers), first.num_kv_heads, first.head_dim)
-        self.num_blocks = config.num_kv_blocks or self._blocks_for_budget(config.kv_cache_memory_gb, token_shape)
+        # hybrid models also keep a recurrent state per sequence (float32), in one slot per block id: a running
+        # sequence's slot is that of its first block, which is its own while prefix caching is off
+        state_layers = self.model.state_layers() if hasattr(self.model, "state_layers") else []
+        slot_numel = sum(layer.state_numel for layer in state_layers)
+        self.num_blocks = config.num_kv_blocks or self._blocks_for_budget(config.kv_cache_memory_gb, token_shape,
+                                                                          slot_numel * 4)
         self.decode_mode = resolve_mode(config.decode_mode, self.device)
+        if state_layers and self.decode_mode != "eager":
+            # the compiled steps reach only the paged pool through an opaque op; the state is updated in place
+            log.info("decode_mode %s does not cover recurrent-state layers; decoding eagerly", self.decode_mode)
+            self.decode_mode = "eager"
         # CUDA-graph padding rows write into one scratch block past those the block manager hands out
         scratch = 1 if self.decode_mode == "cuda_graph" else 0
         # one pool for every layer, so a transfer engine can register it once
@@ -44,6 +56,14 @@ class ModelRunner:
         for i, attn in enumerate(layers):
             # a latent pool's single plane is MLA's keys and (its first kv_lora_rank dims) its values
             attn.k_cache, attn.v_cache = self.kv_pool[0, i], self.kv_pool[planes - 1, i]
+        # [slots, slot_numel]: one contiguous slot per sequence, so a transport moves a sequence's state in one piece
+        self.state_pool = None
+        if state_layers:
+            self.state_pool = torch.zeros(self.kv_pool.shape[2], slot_numel, dtype=torch.float32, device=self.device)
+            offset = 0
+            for layer in state_layers:
+                layer.bind_state(self.state_pool[:, offset:offset + layer.state_numel], self.block_size)
+                offset += layer.state_numel
         self.decode_step = None
         if self.decode_mode != "eager":
             self.decode_step = CompiledDecode(
@@ -51,44 +71,49 @@ class ModelRunner:
                 max_blocks=-(-config.max_model_len // self.block_size), block_size=self.block_size,
                 scratch_slot=self.num_blocks * self.block_size if scratch else None)
 
-    def _blocks_for_budget(self, gigabytes: float, token_shape: tuple[int, ...]) -> int:
+    def _blocks_for_budget(self, gigabytes: float, token_shape: tuple[int, ...], slot_bytes: int = 0) -> int:
+        """slot_bytes: the recurrent-state slot that comes with every block id (hybrid models)."""
         per_token = math.prod(token_shape)
         per_block = per_token * self.block_size * torch.empty(0, dtype=self.config.torch_dtype).element_size()
-        return max(1, int(gigabytes * 2**30 // per_block))
-
-    def _slots(self, seq: Sequence, start: int, end: int) -> list[int]:
-        bs, table = self.block_size, seq.block_table
-        return [table[p // bs] * bs + p % bs for p in range(start, end)]
+        return max(1, int(gigabytes * 2**30 // (per_block + slot_bytes)))
 
     def prepare(self, scheduled: list[tuple[Sequence, int]]):
-        """Flattened token ids, positions and attention metadata; single-token queries first."""
+        """Flattened token ids, positions and attention metadata; single-token queries first.
+
+        Python touches each sequence once (its token slice and block table); positions and KV slots of every token
+        come from tensor ops over one padded block-table matrix, never from a per-token loop."""
         decodes = [(s, n) for s, n in scheduled if n == 1]
         prefills = [(s, n) for s, n in scheduled if n > 1]
         ordered = decodes + prefills
-        input_ids, positions, slots = [], [], []
+        input_ids, starts, counts = [], [], []
         for seq, n in ordered:
             start = seq.num_computed_tokens
             input_ids.extend(seq.token_ids[start:start + n])
-            positions.extend(range(start, start + n))
-            slots.extend(self._slots(seq, start, start + n))
+            starts.append(start)
+            counts.append(n)
+        bs = self.block_size
+        width = max(len(s.block_table) for s, _ in ordered)
+        tables = torch.tensor([s.block_table + [0] * (width - len(s.block_table)) for s, _ in ordered],
+                              dtype=torch.long)
+        counts_t = torch.tensor(counts)
+        row = torch.repeat_interleave(torch.arange(len(ordered)), counts_t)  # each token's sequence
+        first = torch.repeat_interleave(counts_t.cumsum(0) - counts_t, counts_t)  # its sequence's first row
+        positions = torch.tensor(starts)[row] + torch.arange(len(input_ids)) - first
+        slots = tables[row, positions // bs] * bs + positions % bs
         dev = self.device
-        meta = AttentionMetadata(slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev))
+        meta = AttentionMetadata(slot_mapping=slots.to(dev))
         if decodes:
-            width = max(len(s.block_table) for s, _ in decodes)
-            tables = torch.tensor([s.block_table + [0] * (width - len(s.block_table)) for s, _ in decodes],
-                                  dtype=torch.long, device=dev)
-            context = torch.tensor([s.num_computed_tokens + 1 for s, _ in decodes], device=dev)
-            meta.num_decode = len(decodes)
-            meta.decode_block_tables = tables
-            meta.decode_mask = (torch.arange(width * self.block_size, device=dev)[None, :]
-                                < context[:, None]).view(len(decodes), 1, 1, -1)
+            n = len(decodes)
+            decode_width = max(len(s.block_table) for s, _ in decodes)
+            context = positions[:n].to(dev) + 1
+            meta.num_decode = n
+            meta.decode_block_tables = tables[:n, :decode_width].to(dev)
+            meta.decode_mask = (torch.arange(decode_width * bs, device=dev)[None, :]
+                                < context[:, None]).view(n, 1, 1, -1)
         offset = len(decodes)
-        for seq, n in prefills:
+        for i, (seq, n) in enumerate(prefills, start=len(decodes)):
             cached = seq.num_computed_tokens
-            table = None
-            if cached:
-                num_blocks = -(-(cached + n) // self.block_size)
-                table = torch.tensor(seq.block_table[:num_blocks], dtype=torch.long, device=dev)
+            table = tables[i, :-(-(cached + n) // bs)].to(dev) if cached else None
             meta.prefills.append(PrefillChunk(offset, offset + n, cached + n, table))
             offset += n
         # a sequence samples once all its tokens are computed; its logits come from its last token, and from each
@@ -101,9 +126,8 @@ class ModelRunner:
                 sample_rows.extend(range(offset - rows, offset))
                 sample_seqs.extend([seq] * rows)
                 sample_positions.extend(range(seq.num_tokens - rows + 1, seq.num_tokens + 1))
-        return (torch.tensor(input_ids, dtype=torch.long, device=dev),
-                torch.tensor(positions, dtype=torch.long, device=dev), meta, sample_rows, sample_seqs,
-                sample_positions)
+        return (torch.tensor(input_ids, dtype=torch.long, device=dev), positions.to(dev), meta, sample_rows,
+                sample_seqs, sample_positions)
 
     @torch.inference_mode()
     def run(self, scheduled: list[tuple[Sequence, int]]):

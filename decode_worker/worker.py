@@ -44,7 +44,8 @@ class DecodeWorker:
         self.rt = WorkerRuntime(DECODE, args, commands=Admit | Abort | PeerGone, inbox=PrefillDone)
         self.engine = self.rt.engine
         self.transport = make_transport(args.kv_transport, self.rt.worker_id, self.engine.runner.kv_pool,
-                                        model_name=self.rt.model_name, host=args.host,
+                                        model_name=self.rt.model_name, state_pool=self.engine.runner.state_pool,
+                                        host=args.host,
                                         advertise_host=self.rt.advertise_host)
         self.kv_metadata = self.transport.metadata()
         self.lease_s = args.kv_lease

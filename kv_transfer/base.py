@@ -38,6 +38,7 @@ class NixlPeerInfo(msgspec.Struct, frozen=True, tag="nixl"):
     base_addr: int  # where the pool starts in the peer's address space; our descriptors point into it
     device_id: int = 0
     mem_type: str = "DRAM"  # "VRAM" once pools live on GPU
+    state_base_addr: int = 0  # where the per-sequence state pool starts (layouts with a state only)
 
 
 class ZmqPeerInfo(msgspec.Struct, frozen=True, tag="zmq"):
@@ -54,6 +55,9 @@ _peer_decoder = msgspec.msgpack.Decoder(PeerInfo)
 class KVTransport(ABC):
     """Moves whole blocks (every plane and layer: K and V, or MLA latents) of one pool into another process's pool.
 
+    When the layout has a per-sequence state, a write also moves the state slot of src[0] into the peer's slot
+    dst[0]: callers hand a sequence over from its first block, whose slot holds the sequence's state.
+
     Sender:   write_blocks(peer, src, dst, transfer_id) then poll_sent() -> [TransferResult]
     Receiver: expect(transfer_id) (optional, arms a deadline) then poll_received() -> [TransferResult]
     A successful receive result means the data is in the local pool; a successful send result means it is in the
@@ -62,11 +66,13 @@ class KVTransport(ABC):
 
     backend: str = ""  # tag of the PeerInfo this backend produces
 
-    def __init__(self, name: str, pool: torch.Tensor, layout: KVLayout, *, timeout_s: float = DEFAULT_TIMEOUT_S):
-        layout.check_pool(pool)  # also refuses mixed kinds: the slab math assumes one shape for every plane
-        if not pool.is_contiguous():
-            raise ValueError("the KV pool must be one contiguous tensor (it is registered as one region)")
+    def __init__(self, name: str, pool: torch.Tensor, layout: KVLayout, *, timeout_s: float = DEFAULT_TIMEOUT_S,
+                 state_pool: torch.Tensor | None = None):
+        layout.check_pool(pool, state_pool)  # also refuses mixed kinds: the slab math assumes one shape per plane
+        if not pool.is_contiguous() or (state_pool is not None and not state_pool.is_contiguous()):
+            raise ValueError("the KV and state pools must be contiguous tensors (each is registered as one region)")
         self.name, self.pool, self.layout, self.timeout_s = name, pool, layout, timeout_s
+        self.state_pool = state_pool
         self.num_blocks = pool.shape[2]
         self._peers: dict[str, PeerInfo] = {}
         self._send_deadlines: dict[str, float] = {}

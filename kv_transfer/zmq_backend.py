@@ -5,6 +5,8 @@ Sockets: each transport binds a ROUTER (receives data, answers acks) and opens o
 A DEALER/ROUTER pair rather than PUSH/PULL because the sender must learn that the data *landed* (PUSH cannot
 carry an answer back), and acks let a refused transfer fail fast instead of waiting for its deadline.
 Everything that arrives is decoded with a strict schema and size-checked; garbage is logged and dropped.
+With a per-sequence state (hybrid models) the state slot of the first source block travels as a third frame and
+lands in the slot of the first destination block, copied together with the blocks before the acknowledgement.
 """
 from __future__ import annotations
 
@@ -23,7 +25,8 @@ _TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16"
 
 
 class BlocksHeader(msgspec.Struct, array_like=True, frozen=True):
-    """Frame 1 of a data message; frame 2 is the raw bytes of a [planes, L, n, block_size, heads, head_dim] tensor."""
+    """Frame 1 of a data message; frame 2 is the raw bytes of a [planes, L, n, block_size, heads, head_dim] tensor,
+    frame 3 (layouts with a state only) one state slot."""
     transfer_id: str
     dst_block_ids: list[int]
     dtype: str
@@ -41,12 +44,20 @@ _ack_decoder = msgspec.msgpack.Decoder(Ack)
 _encoder = msgspec.msgpack.Encoder()
 
 
+def _tensor(buffer, dtype: str) -> torch.Tensor:
+    """A flat tensor over a received frame, without a copy."""
+    with warnings.catch_warnings():  # zmq's buffer is read-only; we only read from it
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.from_numpy(np.frombuffer(buffer, dtype=np.uint8)).view(_TORCH_DTYPES[dtype])
+
+
 class ZmqTransport(KVTransport):
     backend = "zmq"
 
     def __init__(self, name: str, pool: torch.Tensor, layout: KVLayout, *, timeout_s: float = DEFAULT_TIMEOUT_S,
-                 host: str = "127.0.0.1", port: int = 0, advertise_host: str | None = None):
-        super().__init__(name, pool, layout, timeout_s=timeout_s)
+                 state_pool: torch.Tensor | None = None, host: str = "127.0.0.1", port: int = 0,
+                 advertise_host: str | None = None):
+        super().__init__(name, pool, layout, timeout_s=timeout_s, state_pool=state_pool)
         self._ctx = zmq.Context(io_threads=1)
         self._router = self._ctx.socket(zmq.ROUTER)
         self._router.setsockopt(zmq.LINGER, 0)
@@ -56,13 +67,14 @@ class ZmqTransport(KVTransport):
             port = self._router.bind_to_random_port(f"tcp://{host}")
         self.endpoint = f"tcp://{advertise_host or host}:{port}"
         self._dealers: dict[str, zmq.Socket] = {}  # peer name -> socket
-        self._inflight: dict[str, torch.Tensor] = {}  # transfer id -> gathered tensor (zmq may still read it)
+        self._inflight: dict[str, list[torch.Tensor]] = {}  # transfer id -> gathered frames (zmq may still read)
         self._acks: list[TransferResult] = []
         self._send_poller = zmq.Poller()
         self._recv_poller = zmq.Poller()
         self._recv_poller.register(self._router, zmq.POLLIN)
         self._shape_tail = (layout.num_layers, layout.block_size, layout.num_kv_heads, layout.head_dim)
         self._planes = layout.num_planes
+        self._frames = 3 if layout.state_bytes else 2
 
     def metadata(self) -> bytes:
         return msgspec.msgpack.encode(ZmqPeerInfo(name=self.name, layout=self.layout, num_blocks=self.num_blocks,
@@ -85,9 +97,12 @@ class ZmqTransport(KVTransport):
         # one gather over the block dim for all planes and layers at once; .cpu() is a no-op for CPU pools
         data = self.pool.index_select(2, src.to(self.pool.device)).cpu()
         header = BlocksHeader(transfer_id, dst.tolist(), self.layout.dtype, tuple(data.shape))
-        self._inflight[transfer_id] = data  # keeps the buffer alive while zmq's I/O thread sends it
+        frames = [data]
+        if self.state_pool is not None:
+            frames.append(self.state_pool[int(src[0])].to("cpu", copy=True))  # a copy, like the gathered blocks
+        self._inflight[transfer_id] = frames  # keeps the buffers alive while zmq's I/O thread sends them
         self._dealers[peer.name].send_multipart(
-            [_encoder.encode(header), data.view(-1).view(torch.uint8).numpy()], copy=False)
+            [_encoder.encode(header)] + [f.view(-1).view(torch.uint8).numpy() for f in frames], copy=False)
 
     def _progress_sends(self) -> list[TransferResult]:
         for sock in self._dealers.values():
@@ -133,8 +148,9 @@ class ZmqTransport(KVTransport):
 
     def _receive(self, frames) -> tuple[str | None, str | None]:
         """Validate and copy one message into the pool. Returns (transfer_id or None, error or None)."""
-        if len(frames) != 2:
-            log.warning("dropping a message of %d frames (expected header + data)", len(frames))
+        if len(frames) != self._frames:
+            log.warning("dropping a message of %d frames (expected header + data%s)", len(frames),
+                        " + state" if self._frames == 3 else "")
             return None, None
         try:
             h = _header_decoder.decode(frames[0].buffer)
@@ -154,13 +170,14 @@ class ZmqTransport(KVTransport):
             error = f"dst block ids out of range [0, {self.num_blocks})"
         elif len(set(h.dst_block_ids)) != n:
             error = "dst block ids repeat"
+        elif self._frames == 3 and frames[2].buffer.nbytes != self.layout.state_bytes:
+            error = f"state frame has {frames[2].buffer.nbytes} bytes, the layout {self.layout.state_bytes}"
         else:
-            with warnings.catch_warnings():  # zmq's buffer is read-only; we only read from it
-                warnings.simplefilter("ignore", UserWarning)
-                raw = torch.from_numpy(np.frombuffer(payload, dtype=np.uint8))
-            data = raw.view(_TORCH_DTYPES[h.dtype]).view(expected_shape).to(self.pool.device)
+            data = _tensor(payload, h.dtype).view(expected_shape).to(self.pool.device)
             idx = torch.tensor(h.dst_block_ids, dtype=torch.int64, device=self.pool.device)
             self.pool.index_copy_(2, idx, data)
+            if self._frames == 3:
+                self.state_pool[h.dst_block_ids[0]].copy_(_tensor(frames[2].buffer, "float32"))
             return h.transfer_id, None
         log.warning("refusing transfer %s: %s", h.transfer_id, error)
         return h.transfer_id, error

@@ -41,7 +41,8 @@ class PrefillWorker:
         self.rt = WorkerRuntime(PREFILL, args, commands=Abort | PeerGone, inbox=PrefillTask, hold_finished=True)
         self.engine = self.rt.engine
         self.transport = make_transport(args.kv_transport, self.rt.worker_id, self.engine.runner.kv_pool,
-                                        model_name=self.rt.model_name, host=args.host,
+                                        model_name=self.rt.model_name, state_pool=self.engine.runner.state_pool,
+                                        host=args.host,
                                         advertise_host=self.rt.advertise_host)
         self.tasks: dict[str, Task] = {}  # queued or prefilling
         self.sending: dict[str, Task] = {}  # KV transfer in flight
@@ -100,6 +101,10 @@ class PrefillWorker:
         if not 0 <= msg.skip_blocks < total or len(msg.dst_block_ids) != total - msg.skip_blocks:
             return refuse(f"task has {msg.skip_blocks} cached + {len(msg.dst_block_ids)} blocks for "
                           f"{len(msg.token_ids)} tokens ({total} blocks)")
+        if msg.skip_blocks and self.transport.layout.state_kind:
+            # the state travels with the first block sent, and a recurrent state covers the whole prompt
+            return refuse(f"a model with a per-sequence state needs the whole prompt's KV, got skip_blocks="
+                          f"{msg.skip_blocks}")
         try:
             # a sequence stops after its first new token whatever max_tokens says (num_generated + 1 >= 1)
             seq = self.engine.new_sequence(msg.token_ids, dataclasses.replace(msg.params, max_tokens=1),

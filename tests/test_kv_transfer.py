@@ -42,6 +42,11 @@ def _pool(seed, num_blocks=SHAPE["num_blocks"], dtype=torch.float32, num_layers=
     return torch.randn(planes, num_layers, num_blocks, s["block_size"], heads, width, generator=g).to(dtype)
 
 
+def _state(seed, num_blocks=SHAPE["num_blocks"]):
+    """A hybrid model's per-sequence state pool: one float32 slot of 10 values per block id."""
+    return torch.randn(num_blocks, 10, generator=torch.Generator().manual_seed(100 + seed))
+
+
 NIXL_OK = _probe_nixl()
 BACKENDS = ["zmq", pytest.param("nixl", marks=pytest.mark.skipif(not NIXL_OK, reason="NIXL/UCX unusable here"))]
 
@@ -88,6 +93,23 @@ def test_latent_layout_from_pool():
         KVLayout.from_pool(torch.zeros(3, 1, 2, 4, 1, 8), "m")
     with pytest.raises(ValueError, match="no transport moves"):
         msgspec.structs.replace(kv, kinds=("paged_kv", "paged_latent", "paged_kv")).num_planes
+
+
+def test_state_layout_from_pools():
+    a = KVLayout.from_pool(_pool(0), "m", _state(0))
+    assert (a.state_kind, a.state_bytes) == ("recurrent_state", 40)
+    assert a.block_bytes == KVLayout.from_pool(_pool(0), "m").block_bytes  # the state is per sequence, not per block
+    assert msgspec.msgpack.decode(msgspec.msgpack.encode(a), type=KVLayout) == a
+    assert a.compat_hash() != KVLayout.from_pool(_pool(0), "m").compat_hash()
+    with pytest.raises(KVLayoutMismatch, match="per-sequence state differs.*none.*recurrent_state"):
+        check_compatible(KVLayout.from_pool(_pool(0), "m"), a)
+    with pytest.raises(KVLayoutMismatch, match="state_bytes"):
+        check_compatible(a, KVLayout.from_pool(_pool(0), "m", torch.zeros(SHAPE["num_blocks"], 12)))
+    with pytest.raises(ValueError, match="slots"):  # one slot per block id, or a block's slot would not exist
+        KVLayout.from_pool(_pool(0), "m", torch.zeros(SHAPE["num_blocks"] - 1, 10))
+    with pytest.raises(ValueError, match="bad state"):
+        KVLayout(model="m", dtype="float32", block_size=4, num_layers=2, num_kv_heads=2, head_dim=8,
+                 state_kind="recurrent_state")
 
 
 def test_latent_vs_kv_mismatch_says_so():
@@ -243,10 +265,11 @@ def test_auto_picks_a_working_backend():
 
 
 # --- two processes ----------------------------------------------------------------------------------------------
-def _receiver_main(kind, conn, latent=False):
+def _receiver_main(kind, conn, latent=False, state=False):
     """Child: owns pool D, hands over metadata, keeps polling (NIXL needs receiver progress), answers commands."""
     pool = _pool(2, num_blocks=10, latent=latent)
-    with make_transport(kind, "D", pool, model_name="m") as t:
+    state_pool = _state(2, num_blocks=10) if state else None
+    with make_transport(kind, "D", pool, model_name="m", state_pool=state_pool) as t:
         conn.send(t.metadata())
         results = []
         while True:
@@ -257,14 +280,16 @@ def _receiver_main(kind, conn, latent=False):
                     conn.send(results)
                 elif cmd == "pool":
                     conn.send(pool.clone())
+                elif cmd == "state":
+                    conn.send(state_pool.clone())
                 elif cmd == "stop":
                     return
 
 
-def _spawn_receiver(kind, latent=False):
+def _spawn_receiver(kind, latent=False, state=False):
     ctx = mp.get_context("spawn")
     parent, child = ctx.Pipe()
-    proc = ctx.Process(target=_receiver_main, args=(kind, child, latent), daemon=True)
+    proc = ctx.Process(target=_receiver_main, args=(kind, child, latent, state), daemon=True)
     proc.start()
     assert parent.poll(60), "receiver did not start"
     return proc, parent, parent.recv()
@@ -295,6 +320,37 @@ def test_two_processes_scattered_write(kind, latent):
             assert sorted(_ask(conn, "results")) == [("a", True, None), ("b", True, None)]
             got = _ask(conn, "pool")
             assert torch.equal(got, before)  # written blocks equal, every untouched block unchanged
+        conn.send("stop")
+        proc.join(10)
+    finally:
+        proc.kill()
+
+
+@pytest.mark.parametrize("kind", BACKENDS)
+def test_two_processes_move_blocks_and_the_sequence_state(kind):
+    """A hybrid model's hand-off: the K/V blocks, and only the state slot of the first source block, into the slot
+    of the first destination block; every other slot on the receiver is untouched. A side without a state
+    cannot pair with it."""
+    proc, conn, meta = _spawn_receiver(kind, state=True)
+    try:
+        pool, state = _pool(2, num_blocks=10), _state(2, num_blocks=10)
+        src_pool, src_state = _pool(1), _state(1)
+        with make_transport(kind, "P", src_pool, model_name="m", state_pool=src_state, timeout_s=10) as p:
+            peer = p.add_peer(meta)
+            for tid, src, dst in [("a", SRC, DST), ("b", [11, 0], [9, 8])]:
+                p.write_blocks(peer, src, dst, tid)
+                assert p.poll_sent(timeout_s=10) == [kv_transfer.TransferResult(tid, True)]
+                pool = _expected(pool, src_pool, src, dst)
+                state[dst[0]] = src_state[src[0]]
+            deadline = time.monotonic() + 10
+            while {"a", "b"} - {r[0] for r in _ask(conn, "results")} and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert sorted(_ask(conn, "results")) == [("a", True, None), ("b", True, None)]
+            assert torch.equal(_ask(conn, "pool"), pool)
+            assert torch.equal(_ask(conn, "state"), state)
+        with make_transport(kind, "Q", src_pool, model_name="m") as q, \
+                pytest.raises(KVLayoutMismatch, match="per-sequence state differs"):
+            q.add_peer(meta)
         conn.send("stop")
         proc.join(10)
     finally:

@@ -1,4 +1,5 @@
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from common.layers.parallel import all_reduce, tp_rank, tp_size
@@ -41,3 +42,22 @@ class AllHeadsRMSNorm(RMSNorm):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return super().forward(x.flatten(-2)).view_as(x)
+
+
+class ZeroCenteredRMSNorm(RMSNorm):
+    """The weight is stored as an offset from 1 (Qwen3-Next), and is applied in float32 before the cast back."""
+
+    def __init__(self, size: int, eps: float):
+        super().__init__(size, eps)
+        self.weight.data.zero_()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        normed = x.float() * torch.rsqrt(self._mean_square(x.float()) + self.eps)
+        return (normed * (1.0 + self.weight.float())).to(x.dtype)
+
+
+class GatedRMSNorm(RMSNorm):
+    """RMSNorm, then multiplied by silu(gate) in float32 (the output gate of Qwen3-Next's linear attention)."""
+
+    def forward(self, x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+        return (super().forward(x) * F.silu(gate.float())).to(x.dtype)

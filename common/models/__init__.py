@@ -5,6 +5,7 @@ from common.models.llama import LlamaForCausalLM
 from common.models.minimax_m2 import MiniMaxM2ForCausalLM
 from common.models.qwen3 import Qwen3ForCausalLM
 from common.models.qwen3_moe import Qwen3MoeForCausalLM
+from common.models.qwen3_next import Qwen3NextForCausalLM
 
 MODEL_REGISTRY = {
     "LlamaForCausalLM": LlamaForCausalLM,
@@ -12,12 +13,14 @@ MODEL_REGISTRY = {
     "Qwen3MoeForCausalLM": Qwen3MoeForCausalLM,
     "MiniMaxM2ForCausalLM": MiniMaxM2ForCausalLM,
     "DeepseekV3ForCausalLM": DeepseekV3ForCausalLM,
+    "Qwen3NextForCausalLM": Qwen3NextForCausalLM,
 }
 
 
 # configs converted from GGUF name only a model_type
 MODEL_TYPES = {"llama": "LlamaForCausalLM", "qwen3": "Qwen3ForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM",
-               "minimax_m2": "MiniMaxM2ForCausalLM", "deepseek_v3": "DeepseekV3ForCausalLM"}
+               "minimax_m2": "MiniMaxM2ForCausalLM", "deepseek_v3": "DeepseekV3ForCausalLM",
+               "qwen3_next": "Qwen3NextForCausalLM"}
 
 
 def model_class(hf_config):
