@@ -190,15 +190,21 @@ def test_fused_moe_loads_per_expert_and_stacked_checkpoints():
 
 
 def _prefill_logits(model_dir, dtype: str, prompt: list[int], splits: list[int]) -> torch.Tensor:
-    """Our logits at every prompt position, prefilled in chunks ending at splits (later chunks read the earlier
-    ones back from the paged cache)."""
     from common.config import EngineConfig
-    from common.layers.attention import AttentionMetadata, PrefillChunk
     from common.model_runner import ModelRunner
 
-    bs, n = 16, len(prompt)
-    runner = ModelRunner(EngineConfig(model=str(model_dir), dtype=dtype, block_size=bs, num_kv_blocks=n // bs + 2))
-    ids, positions, table = torch.tensor(prompt), torch.arange(n), torch.arange(n // bs + 1)
+    n = len(prompt)
+    return prefill_logits(ModelRunner(EngineConfig(model=str(model_dir), dtype=dtype, block_size=16,
+                                                   num_kv_blocks=n // 16 + 2)), prompt, splits)
+
+
+def prefill_logits(runner, prompt: list[int], splits: list[int]) -> torch.Tensor:
+    """Our logits at every prompt position, prefilled as one sequence (blocks 0, 1, ...) in chunks ending at splits
+    (later chunks read the earlier ones back from the paged cache)."""
+    from common.layers.attention import AttentionMetadata, PrefillChunk
+
+    bs, n = runner.block_size, len(prompt)
+    ids, positions, table = torch.tensor(prompt), torch.arange(n), torch.arange(-(-n // bs))
     logits, start = [], 0
     with torch.inference_mode():
         for end in splits:

@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from common.errors import InvalidRequestError
-from common.layers.attention import AttentionMetadata, PrefillChunk
 from common.layers.gated_delta import GatedDeltaNet
 from tests.hf_reference import (check_lengths, check_outputs_against_hf, greedy_params, hf_greedy_batch,
                                 load_hf_model, make_llm, run_mode_and_compare)
+from tests.test_models_moe import prefill_logits
 from tests.test_parity_tiny import make_prompts
 from tests.tiny_qwen3_next import TinyQwen3NextConfig, make_tiny_qwen3_next
 
@@ -29,20 +29,6 @@ def model_dir(tmp_path_factory):
     return make_tiny_qwen3_next(tmp_path_factory.mktemp(CFG.id), CFG)
 
 
-def _prefill(runner, prompt: list[int], splits: list[int]) -> torch.Tensor:
-    """Our logits at every position, prefilled as one sequence in chunks ending at splits."""
-    bs, n = runner.block_size, len(prompt)
-    ids, positions, table = torch.tensor(prompt), torch.arange(n), torch.arange(-(-n // bs))
-    logits, start = [], 0
-    with torch.inference_mode():
-        for end in splits:
-            meta = AttentionMetadata(slot_mapping=positions[start:end],
-                                     prefills=[PrefillChunk(0, end - start, end, table if start else None)])
-            logits.append(runner.model.compute_logits(runner.model(ids[start:end], positions[start:end], meta)))
-            start = end
-    return torch.cat(logits).float()
-
-
 @pytest.mark.parametrize("splits", [[150], [37, 101, 150]], ids=["one_chunk", "three_chunks"])
 def test_logits_and_state_equal_transformers(splits, model_dir):
     """Every position's logits, and afterwards each linear layer's state slot (block 0's) holds transformers'
@@ -52,7 +38,7 @@ def test_logits_and_state_equal_transformers(splits, model_dir):
         ref = load_hf_model(model_dir)(torch.tensor([prompt]), use_cache=True)
     assert ref.logits.std() > 0.5, "degenerate tiny model"
     runner = make_llm(model_dir, num_kv_blocks=16, max_model_len=256).engine.runner
-    ours = _prefill(runner, prompt, splits)
+    ours = prefill_logits(runner, prompt, splits)
     atol = 1e-4 if len(splits) == 1 else CHUNKED_ATOL
     torch.testing.assert_close(ours, ref.logits[0], atol=atol, rtol=0)
     layers = runner.model.model.layers
@@ -76,7 +62,7 @@ def test_bf16_logits_match_transformers(model_dir):
     with torch.inference_mode():
         ref = hf(torch.tensor([prompt])).logits[0].float()
     runner = make_llm(model_dir, dtype="bfloat16", num_kv_blocks=16, max_model_len=256).engine.runner
-    torch.testing.assert_close(_prefill(runner, prompt, [150]), ref, atol=1e-2, rtol=0)
+    torch.testing.assert_close(prefill_logits(runner, prompt, [150]), ref, atol=1e-2, rtol=0)
 
 
 def _run_and_compare(model_dir, prompts, **engine_args):

@@ -9,9 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 
-from tests.tiny_models import DEFAULT_INIT_STD, _init_weights, make_tokenizer
+from tests.tiny_models import DEFAULT_INIT_STD, _init_correction_bias, save_random_model
 
 
 @dataclass(frozen=True)
@@ -63,21 +62,6 @@ def _hf_config(cfg: TinyDeepseekConfig, bos_id: int, eos_id: int, pad_id: int):
 
 
 def make_tiny_deepseek(directory, cfg: TinyDeepseekConfig) -> Path:
-    from transformers import DeepseekV3ForCausalLM, GenerationConfig
-
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    tok = make_tokenizer(cfg.vocab_size)
-    ids = [tok.convert_tokens_to_ids(t) for t in ("<|im_start|>", "<|im_end|>", "<|endoftext|>")]
-    torch.manual_seed(cfg.seed)
-    model = DeepseekV3ForCausalLM(_hf_config(cfg, *ids)).float().eval()
-    _init_weights(model, cfg.init_std, cfg.seed)
-    g = torch.Generator().manual_seed(cfg.seed + 1)
-    with torch.no_grad():
-        for layer in model.model.layers[cfg.first_k_dense_replace:]:
-            bias = layer.mlp.gate.e_score_correction_bias
-            bias.copy_(torch.randn(bias.shape, generator=g) * 0.5)
-    model.generation_config = GenerationConfig(bos_token_id=ids[0], eos_token_id=ids[1], pad_token_id=ids[2])
-    model.save_pretrained(directory)
-    tok.save_pretrained(directory)
-    return directory
+    return save_random_model(directory, cfg.vocab_size, cfg.seed, cfg.init_std,
+                             lambda bos, eos, pad: _hf_config(cfg, bos, eos, pad),
+                             lambda model: _init_correction_bias(model, 0.5, cfg.seed))

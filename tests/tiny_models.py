@@ -249,29 +249,35 @@ def make_tiny_model(
     return make_tiny_model_from_config(directory, cfg)
 
 
-def make_tiny_model_from_config(directory, cfg: TinyConfig) -> Path:
+def save_random_model(directory, vocab_size: int, seed: int, init_std: float, hf_config, customize=None) -> Path:
+    """The tiny tokenizer plus a seeded random model built from hf_config(bos_id, eos_id, pad_id), saved as an HF
+    folder; customize(model) adjusts weights that _init_weights leaves generic."""
     from transformers import AutoModelForCausalLM, GenerationConfig
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    tok = make_tokenizer(cfg.vocab_size)
-    eos_id = tok.convert_tokens_to_ids("<|im_end|>")
-    bos_id = tok.convert_tokens_to_ids("<|im_start|>")
-    pad_id = tok.convert_tokens_to_ids("<|endoftext|>")
-    hf_cfg = _hf_config(cfg, eos_id, bos_id, pad_id)
-    torch.manual_seed(cfg.seed)
-    model = AutoModelForCausalLM.from_config(hf_cfg, dtype=torch.float32)
-    _init_weights(model, cfg.init_std, cfg.seed)
-    if isinstance(cfg, TinyMoeConfig):
-        _init_correction_bias(model, cfg.bias_std, cfg.seed)
-    if cfg.tie_word_embeddings:
-        assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
-    model.eval()
-    model.generation_config = GenerationConfig(
-        bos_token_id=bos_id, eos_token_id=eos_id, pad_token_id=pad_id
-    )
+    tok = make_tokenizer(vocab_size)
+    bos_id, eos_id, pad_id = (tok.convert_tokens_to_ids(t) for t in ("<|im_start|>", "<|im_end|>", "<|endoftext|>"))
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(hf_config(bos_id, eos_id, pad_id), dtype=torch.float32).eval()
+    _init_weights(model, init_std, seed)
+    if customize is not None:
+        customize(model)
+    model.generation_config = GenerationConfig(bos_token_id=bos_id, eos_token_id=eos_id, pad_token_id=pad_id)
     model.save_pretrained(directory)
     tok.save_pretrained(directory)
+    return directory
+
+
+def make_tiny_model_from_config(directory, cfg: TinyConfig) -> Path:
+    def customize(model):
+        if isinstance(cfg, TinyMoeConfig):
+            _init_correction_bias(model, cfg.bias_std, cfg.seed)
+        if cfg.tie_word_embeddings:
+            assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+
+    directory = save_random_model(directory, cfg.vocab_size, cfg.seed, cfg.init_std,
+                                  lambda bos, eos, pad: _hf_config(cfg, eos, bos, pad), customize)
     with open(directory / "tiny_config.json", "w") as f:
         json.dump(asdict(cfg), f, indent=1)
     return directory

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from tests.tiny_models import DEFAULT_INIT_STD, _init_weights, make_tokenizer
+from tests.tiny_models import DEFAULT_INIT_STD, save_random_model
 
 
 @dataclass(frozen=True)
@@ -72,17 +72,6 @@ def _init_qwen3_next(model: torch.nn.Module, seed: int) -> None:
 
 
 def make_tiny_qwen3_next(directory, cfg: TinyQwen3NextConfig) -> Path:
-    from transformers import GenerationConfig, Qwen3NextForCausalLM
-
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    tok = make_tokenizer(cfg.vocab_size)
-    ids = [tok.convert_tokens_to_ids(t) for t in ("<|im_start|>", "<|im_end|>", "<|endoftext|>")]
-    torch.manual_seed(cfg.seed)
-    model = Qwen3NextForCausalLM(_hf_config(cfg, *ids)).float().eval()
-    _init_weights(model, cfg.init_std, cfg.seed)
-    _init_qwen3_next(model, cfg.seed)
-    model.generation_config = GenerationConfig(bos_token_id=ids[0], eos_token_id=ids[1], pad_token_id=ids[2])
-    model.save_pretrained(directory)
-    tok.save_pretrained(directory)
-    return directory
+    return save_random_model(directory, cfg.vocab_size, cfg.seed, cfg.init_std,
+                             lambda bos, eos, pad: _hf_config(cfg, bos, eos, pad),
+                             lambda model: _init_qwen3_next(model, cfg.seed))
