@@ -38,6 +38,11 @@ class DraftProposer:
         if vocab != target_vocab:
             raise InvalidRequestError(f"the draft model {spec.model} has a vocabulary of {vocab} tokens, the target "
                                       f"{target_vocab}: a draft model must share the target's tokenizer")
+        from common.models import model_class
+        if getattr(model_class(self.config.hf_config), "has_recurrent_state", False):
+            # its state would keep the rejected drafts: every later proposal would be computed from a wrong past
+            raise InvalidRequestError(f"the draft model {spec.model} keeps a recurrent state that cannot be rolled "
+                                      f"back past rejected drafts; use a draft with attention layers only")
         self.max_model_len = self.config.max_model_len  # the draft's rotary table ends there
         self.runner = None
 

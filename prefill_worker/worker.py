@@ -128,7 +128,9 @@ class PrefillWorker:
             self.engine.release(seq)
             return self._done(task, error="the KV was ready only after the decode worker's lease ran out")
         src = seq.block_table[msg.skip_blocks:msg.skip_blocks + len(msg.dst_block_ids)]
-        task.num_bytes = len(src) * self.transport.layout.block_bytes
+        layout = self.transport.layout
+        # a hybrid model's sequence state travels with its first block
+        task.num_bytes = len(src) * layout.block_bytes + (layout.state_bytes if src else 0)
         task.started = now
         self.sending[msg.request_id] = task
         self.transport.write_blocks(msg.decode_worker, src, msg.dst_block_ids, msg.request_id,

@@ -113,6 +113,16 @@ def test_speculative_decoding_is_refused(spec, model_dir):
         make_llm(model_dir, speculative_config=spec)
 
 
+def test_recurrent_draft_model_is_refused(model_dir, tiny_model_factory):
+    from common import LLM
+    from tests.tiny_models import TinyConfig
+
+    target = tiny_model_factory(TinyConfig(vocab_size=CFG.vocab_size))
+    with pytest.raises(InvalidRequestError, match="draft model .* recurrent state"):
+        LLM(str(target), num_kv_blocks=64,
+            speculative_config={"method": "draft_model", "model": str(model_dir), "num_speculative_tokens": 2})
+
+
 def test_pools(model_dir):
     """Only the full-attention layers have paged K/V; every block id has one float32 state slot holding each
     linear layer's conv inputs (kernel - 1 per channel) and delta state; a memory budget pays for both."""
@@ -141,7 +151,11 @@ def test_cluster_1p1d_serves_like_offline(transport, model_dir):
 
     d = str(model_dir)
     ps = prompts(12, seed=5)
-    expected = [o["text"] for o in LLM(d, num_kv_blocks=512).chat(
+    llm = LLM(d, num_kv_blocks=512)
+    runner = llm.engine.runner
+    block_bytes = runner.kv_pool[:, :, 0].numel() * runner.kv_pool.element_size()
+    state_bytes = runner.state_pool.shape[1] * runner.state_pool.element_size()
+    expected = [o["text"] for o in llm.chat(
         [[{"role": "user", "content": p}] for p in ps], SamplingParams(temperature=0.0, max_tokens=24,
                                                                        ignore_eos=True))]
     with LocalCluster(d, 1, 1, transport=transport) as c:
@@ -152,3 +166,8 @@ def test_cluster_1p1d_serves_like_offline(transport, model_dir):
         for w in c.alive("prefill") + c.alive("decode"):
             assert w["assigned"] > 0 and w["kv_transport"] == transport
         wait_no_leaks(c)
+        # the byte counter holds whole blocks plus one state slot per request
+        from tests.test_cluster import metric_value
+        sent = lambda: metric_value(c.get("/metrics")[1].decode(), "nano_pd:kv_transfer_bytes_total")  # noqa: E731
+        c.wait_for(lambda: sent() > len(ps) * state_bytes, "every KV push in /metrics", 10)
+        assert (sent() - len(ps) * state_bytes) % block_bytes == 0
