@@ -11,7 +11,7 @@ from common.layers.sampler import sample
 from common.loader import load_weights
 from common.models import model_class
 from common.sequence import Sequence
-from kv_transfer.layout import PAGED_KV, PLANES
+from common.cache_kinds import PAGED_KV, PLANES
 
 log = logging.getLogger("nano_pd.runner")
 

@@ -17,10 +17,8 @@ import hashlib
 
 import msgspec
 
-PAGED_KV = "paged_kv"
-PAGED_LATENT = "paged_latent"
-PLANES = {PAGED_KV: 2, PAGED_LATENT: 1}  # the paged kinds a transport can move
-RECURRENT_STATE = "recurrent_state"  # the per-sequence (not paged) kind
+from common.cache_kinds import PAGED_KV, PLANES, RECURRENT_STATE
+
 _KIND_OF_PLANES = {planes: kind for kind, planes in PLANES.items()}
 
 # torch dtype -> wire name, kept here so the layout never needs torch to be decoded (the router reads it too)

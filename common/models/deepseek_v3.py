@@ -4,10 +4,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from common.cache_kinds import PAGED_LATENT
 from common.layers.mla import MLAttention
 from common.layers.moe import FusedMoE, select_experts
 from common.models.llama import LlamaDecoderLayer, LlamaForCausalLM, LlamaMLP
-from kv_transfer.layout import PAGED_LATENT
 
 
 class DeepseekV3MoE(nn.Module):
