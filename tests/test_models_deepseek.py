@@ -5,11 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from common.layers.attention import AttentionMetadata, PrefillChunk
 from kv_transfer import KVLayout
-from tests.cluster_harness import LocalCluster
 from tests.hf_reference import load_hf_model, make_llm, run_mode_and_compare
-from tests.test_cluster import prompts, run_concurrently, stream_chat, wait_no_leaks
+from tests.model_checks import cluster_serving_like_offline, prefill_logits
 from tests.test_parity_tiny import make_prompts
 from tests.tiny_deepseek import TinyDeepseekConfig, make_tiny_deepseek
 
@@ -55,9 +53,7 @@ def test_logits_and_latent_cache_equal_transformers(cfg, deepseek_dirs):
         ref = load_hf_model(d)(ids[None], use_cache=True)
     runner = make_llm(d, num_kv_blocks=16, max_model_len=256).engine.runner
     n = len(ids)
-    meta = AttentionMetadata(slot_mapping=torch.arange(n), prefills=[PrefillChunk(0, n, n, None)])
-    with torch.inference_mode():
-        logits = runner.model.compute_logits(runner.model(ids, torch.arange(n), meta))
+    logits = prefill_logits(runner, ids.tolist(), [n])
     torch.testing.assert_close(logits, ref.logits[0], atol=1e-4, rtol=1e-4)
     for layer, cache in enumerate(ref.past_key_values.layers):
         expected = torch.cat([cache.keys[0, 0], cache.values[0, 0]], -1)  # [tokens, rank + rope]
@@ -103,19 +99,7 @@ def test_pool_holds_only_latent_and_rope_key(deepseek_dirs):
 def test_1p1d_cluster_serves_latent_cache_like_offline(transport, deepseek_dirs):
     """Prefill and decode in separate processes, the latent blocks moved by the transport: same greedy text as
     the colocated engine, and the prefill side sent whole latent blocks."""
-    from common import LLM, SamplingParams
-
-    d = str(deepseek_dirs(LORA_Q))
-    ps = prompts(12, seed=5)
-    outs = LLM(d, num_kv_blocks=512).chat([[{"role": "user", "content": p}] for p in ps],
-                                         SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True))
-    with LocalCluster(d, 1, 1, transport=transport) as c:
-        client = c.openai()
-        results = run_concurrently(lambda p: stream_chat(client, p, 16, ignore_eos=True), ps, workers=12)
-        assert [r["text"] for r in results] == [o["text"] for o in outs]
-        assert all(w["kv_transport"] == transport for w in c.workers())
-        wait_no_leaks(c)
-
+    with cluster_serving_like_offline(str(deepseek_dirs(LORA_Q)), transport, max_tokens=16) as (c, _, _):
         def sent() -> int:  # heartbeats lag the work by up to half a second
             return c.alive("prefill")[0]["load"]["kv_bytes_sent"]
 

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 from common.layers.moe import FusedMoE, expert_checkpoint_target, select_experts
 from tests.hf_reference import load_hf_model, run_mode_and_compare
+from tests.model_checks import cluster_serving_like_offline, prefill_logits
 from tests.tiny_models import TinyMoeConfig
 
 MAX_NEW = 32
@@ -198,23 +199,6 @@ def _prefill_logits(model_dir, dtype: str, prompt: list[int], splits: list[int])
                                                    num_kv_blocks=n // 16 + 2)), prompt, splits)
 
 
-def prefill_logits(runner, prompt: list[int], splits: list[int]) -> torch.Tensor:
-    """Our logits at every prompt position, prefilled as one sequence (blocks 0, 1, ...) in chunks ending at splits
-    (later chunks read the earlier ones back from the paged cache)."""
-    from common.layers.attention import AttentionMetadata, PrefillChunk
-
-    bs, n = runner.block_size, len(prompt)
-    ids, positions, table = torch.tensor(prompt), torch.arange(n), torch.arange(-(-n // bs))
-    logits, start = [], 0
-    with torch.inference_mode():
-        for end in splits:
-            meta = AttentionMetadata(slot_mapping=positions[start:end],
-                                     prefills=[PrefillChunk(0, end - start, end, table if start else None)])
-            logits.append(runner.model.compute_logits(runner.model(ids[start:end], positions[start:end], meta)))
-            start = end
-    return torch.cat(logits).float()
-
-
 @pytest.mark.parametrize("cfg", MODELS, ids=lambda c: c.arch)
 def test_logits_match_hf(cfg, tiny_model_factory):
     """float32, every position, in two prefill chunks."""
@@ -265,20 +249,5 @@ def test_greedy_parity(cfg, mode, tiny_model_factory):
 @pytest.mark.parametrize("transport", ["zmq", "nixl"])
 def test_cluster_1p1d_serves_qwen3_moe_like_offline(transport, tiny_model_factory):
     """Prefill and decode workers hand the MoE model's KV over each transport; streams equal the offline engine."""
-    from common import LLM, SamplingParams
-    from tests.cluster_harness import LocalCluster
-    from tests.test_cluster import prompts, run_concurrently, stream_chat, wait_no_leaks
-
-    model_dir = str(tiny_model_factory(QWEN3_MOE))
-    ps = prompts(12, seed=5)
-    llm = LLM(model_dir, num_kv_blocks=512)
-    params = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
-    expected = [o["text"] for o in llm.chat([[{"role": "user", "content": p}] for p in ps], params)]
-    with LocalCluster(model_dir, 1, 1, transport=transport) as c:
-        client = c.openai()
-        results = run_concurrently(lambda p: stream_chat(client, p, 24, ignore_eos=True), ps)
-        assert [r["text"] for r in results] == expected
-        assert all(r["usage"].completion_tokens == 24 for r in results)
-        for w in c.alive("prefill") + c.alive("decode"):
-            assert w["assigned"] > 0 and w["kv_transport"] == transport
-        wait_no_leaks(c)
+    with cluster_serving_like_offline(str(tiny_model_factory(QWEN3_MOE)), transport):
+        pass

@@ -12,7 +12,7 @@ from common.errors import InvalidRequestError
 from common.layers.gated_delta import GatedDeltaNet
 from tests.hf_reference import (check_lengths, check_outputs_against_hf, greedy_params, hf_greedy_batch,
                                 load_hf_model, make_llm, run_mode_and_compare)
-from tests.test_models_moe import prefill_logits
+from tests.model_checks import cluster_serving_like_offline, prefill_logits
 from tests.test_parity_tiny import make_prompts
 from tests.tiny_qwen3_next import TinyQwen3NextConfig, make_tiny_qwen3_next
 
@@ -145,29 +145,13 @@ def test_pools(model_dir):
 def test_cluster_1p1d_serves_like_offline(transport, model_dir):
     """The prefill worker hands each request's full-attention K/V blocks and its recurrent state over the
     transport; the decode worker continues from that state: streams equal the offline engine's greedy text."""
-    from common import LLM, SamplingParams
-    from tests.cluster_harness import LocalCluster
-    from tests.test_cluster import prompts, run_concurrently, stream_chat, wait_no_leaks
+    from tests.test_cluster import metric_value
 
-    d = str(model_dir)
-    ps = prompts(12, seed=5)
-    llm = LLM(d, num_kv_blocks=512)
-    runner = llm.engine.runner
-    block_bytes = runner.kv_pool[:, :, 0].numel() * runner.kv_pool.element_size()
-    state_bytes = runner.state_pool.shape[1] * runner.state_pool.element_size()
-    expected = [o["text"] for o in llm.chat(
-        [[{"role": "user", "content": p}] for p in ps], SamplingParams(temperature=0.0, max_tokens=24,
-                                                                       ignore_eos=True))]
-    with LocalCluster(d, 1, 1, transport=transport) as c:
-        client = c.openai()
-        results = run_concurrently(lambda p: stream_chat(client, p, 24, ignore_eos=True), ps)
-        assert [r["text"] for r in results] == expected
-        assert all(r["usage"].completion_tokens == 24 for r in results)
-        for w in c.alive("prefill") + c.alive("decode"):
-            assert w["assigned"] > 0 and w["kv_transport"] == transport
-        wait_no_leaks(c)
+    with cluster_serving_like_offline(str(model_dir), transport) as (c, llm, ps):
+        runner = llm.engine.runner
+        block_bytes = runner.kv_pool[:, :, 0].numel() * runner.kv_pool.element_size()
+        state_bytes = runner.state_pool.shape[1] * runner.state_pool.element_size()
         # the byte counter holds whole blocks plus one state slot per request
-        from tests.test_cluster import metric_value
         sent = lambda: metric_value(c.get("/metrics")[1].decode(), "nano_pd:kv_transfer_bytes_total")  # noqa: E731
         c.wait_for(lambda: sent() > len(ps) * state_bytes, "every KV push in /metrics", 10)
         assert (sent() - len(ps) * state_bytes) % block_bytes == 0

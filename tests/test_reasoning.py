@@ -47,11 +47,11 @@ def chunkings(text: str, seed: int = 0, n_random: int = 40):
         yield chunks
 
 
-def stream(parser: ThinkReasoningParser, chunks: list[str]) -> tuple[str | None, str]:
+def stream(parser: ThinkReasoningParser, chunks: list[str], tags=("<think>", "</think>")) -> tuple[str | None, str]:
     reasoning = content = ""
     for chunk in chunks:
         r, c = parser.feed(chunk)
-        assert "<think>" not in c and "</think>" not in c
+        assert tags[0] not in c and tags[1] not in c
         reasoning, content = reasoning + r, content + c
     r, c = parser.finish()
     return (reasoning + r) or None, content + c
@@ -81,14 +81,7 @@ def test_every_split_of_short_texts(starts, text):
                 chunks.append(text[start:i])
                 start = i
         chunks.append(text[start:])
-        parser = ThinkReasoningParser(starts, "<t>", "</t>")
-        reasoning = content = ""
-        for chunk in chunks:
-            r, c = parser.feed(chunk)
-            assert "<t>" not in c and "</t>" not in c
-            reasoning, content = reasoning + r, content + c
-        r, c = parser.finish()
-        assert ((reasoning + r) or None, content + c) == expected, chunks
+        assert stream(ThinkReasoningParser(starts, "<t>", "</t>"), chunks, ("<t>", "</t>")) == expected, chunks
 
 
 def test_text_is_released_as_soon_as_it_cannot_be_a_tag():
