@@ -44,6 +44,8 @@ class EngineConfig:
     device: str = "cpu"  # "cuda" / "cuda:N" on a GPU machine
     # decode-only steps: "eager", "compile" (torch.compile, CPU), "cuda_graph" (GPU), "auto" (the device's best)
     decode_mode: str = "auto"
+    tensor_parallel_size: int = 1  # processes sharing the model (this one is rank 0)
+    enable_expert_parallel: bool = False  # MoE: each rank holds whole experts instead of a slice of every expert
     hf_config: object = field(default=None, repr=False)
 
     def __post_init__(self):
@@ -85,6 +87,7 @@ class EngineConfig:
         self.speculative = SpeculativeConfig.from_dict(self.speculative_config)
         from common.models import model_class
         arch = model_class(self.hf_config)
+        self._check_parallelism(arch, check)
         if getattr(arch, "has_recurrent_state", False):
             # the state of a sequence is one running value: no other sequence can start from it (prefix
             # caching) and rejected draft tokens cannot be taken back out of it (speculative decoding)
@@ -93,6 +96,35 @@ class EngineConfig:
             if self.enable_prefix_caching:
                 log.info("%s keeps a per-sequence recurrent state: prefix caching is off", arch.__name__)
                 self.enable_prefix_caching = False
+
+    def _check_parallelism(self, arch, check):
+        tp, hf = self.tensor_parallel_size, self.hf_config
+        check(isinstance(tp, int) and tp >= 1, "tensor_parallel_size must be a positive integer")
+        experts = next((getattr(hf, name) for name in ("num_experts", "n_routed_experts", "num_local_experts")
+                        if getattr(hf, name, None)), 0)
+        check(not self.enable_expert_parallel or experts, f"enable_expert_parallel needs a mixture-of-experts model; "
+                                                          f"{arch.__name__} has no experts")
+        if tp == 1:
+            return
+        check(not getattr(arch, "has_recurrent_state", False),
+              f"{arch.__name__}'s linear-attention layers are not sharded: tensor_parallel_size must be 1")
+        check(self.speculative is None or self.speculative.method != "draft_model",
+              "a draft model is not supported with tensor_parallel_size > 1 (n-gram speculation is)")
+        check(torch.device(self.device).type == "cpu" or torch.cuda.device_count() >= tp,
+              f"tensor_parallel_size {tp} needs {tp} GPUs, this machine has {torch.cuda.device_count()}")
+        heads = hf.num_attention_heads
+        kv_heads = getattr(hf, "num_key_value_heads", None) or heads
+        check(heads % tp == 0, f"tensor_parallel_size {tp} must divide the {heads} attention heads")
+        check(kv_heads % tp == 0 or tp % kv_heads == 0,
+              f"tensor_parallel_size {tp} and the {kv_heads} KV heads must divide one another")
+        sliced = ["intermediate_size", "shared_expert_intermediate_size"]
+        if self.enable_expert_parallel:
+            check(experts % tp == 0, f"expert parallelism over {tp} ranks must divide the {experts} experts")
+        else:
+            sliced.append("moe_intermediate_size")
+        for name in sliced:
+            size = getattr(hf, name, None)
+            check(not size or size % tp == 0, f"tensor_parallel_size {tp} must divide {name} ({size})")
 
     @property
     def torch_dtype(self) -> torch.dtype:

@@ -252,6 +252,10 @@ class LLMEngine:
             return "length"
         return None
 
+    def close(self):
+        """Stops the other tensor-parallel ranks, if any (nothing to do for a single-process engine)."""
+        self.runner.close()
+
     def stats(self) -> dict:
         bm = self.block_manager
         return {

@@ -77,3 +77,12 @@ class LLM:
 
     def stats(self) -> dict:
         return self.engine.stats()
+
+    def close(self):
+        self.engine.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()

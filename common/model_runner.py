@@ -3,23 +3,39 @@ import logging
 import math
 
 import torch
+import torch.distributed as dist
 
 from common.compiled_step import CompiledDecode, resolve_mode
 from common.config import EngineConfig
 from common.layers.attention import AttentionMetadata, PrefillChunk
 from common.layers.sampler import sample
 from common.loader import load_weights
+from common.layers.parallel import tp_rank, tp_size
 from common.models import model_class
 from common.sequence import Sequence
 from common.cache_kinds import PAGED_KV, PLANES
+from common.tensor_parallel import (Forward, MoveBlocks, TensorParallelError, TensorParallelRanks, forward_command,
+                                    forward_inputs)
 
 log = logging.getLogger("nano_pd.runner")
 
 
 class ModelRunner:
-    def __init__(self, config: EngineConfig):
+    def __init__(self, config: EngineConfig, lead: bool = True):
+        """lead: this process schedules and samples; with tensor parallelism it is rank 0 and starts the other
+        ranks, which build their runner with lead=False and only follow (common/tensor_parallel.py)."""
         self.config = config
         self.device = torch.device(config.device)
+        if lead and dist.is_initialized():
+            raise TensorParallelError("a tensor-parallel engine is still open in this process; close it first")
+        self.ranks = TensorParallelRanks(config) if lead and config.tensor_parallel_size > 1 else None
+        try:
+            self._build(config, lead)
+        except BaseException:
+            self.close()
+            raise
+
+    def _build(self, config: EngineConfig, lead: bool):
         hf = config.hf_config
         torch.manual_seed(config.seed)
         default_dtype = torch.get_default_dtype()
@@ -48,6 +64,10 @@ class ModelRunner:
             # the compiled steps reach only the paged pool through an opaque op; the state is updated in place
             log.info("decode_mode %s does not cover recurrent-state layers; decoding eagerly", self.decode_mode)
             self.decode_mode = "eager"
+        if tp_size() > 1 and self.decode_mode != "eager":
+            # the collectives inside the layers would have to be traced (or captured) too; not verified yet
+            log.info("decode_mode %s is not used with tensor parallelism; decoding eagerly", self.decode_mode)
+            self.decode_mode = "eager"
         # CUDA-graph padding rows write into one scratch block past those the block manager hands out
         scratch = 1 if self.decode_mode == "cuda_graph" else 0
         # one pool for every layer, so a transfer engine can register it once
@@ -56,6 +76,14 @@ class ModelRunner:
         for i, attn in enumerate(layers):
             # a latent pool's single plane is MLA's keys and (its first kv_lora_rank dims) its values
             attn.k_cache, attn.v_cache = self.kv_pool[0, i], self.kv_pool[planes - 1, i]
+        # what KV transports register and move: the pool itself, or with tensor parallelism rank 0's copy with every
+        # KV head, filled from and spread to the ranks' shards around each hand-off (export_blocks/import_blocks)
+        self.exchange_pool = self.kv_pool
+        self.kv_heads_total = 1 if planes == 1 else getattr(hf, "num_key_value_heads", hf.num_attention_heads)
+        if tp_size() > 1:
+            full = list(self.kv_pool.shape)
+            full[4] = self.kv_heads_total
+            self.exchange_pool = torch.zeros(full, dtype=config.torch_dtype, device=self.device) if lead else None
         # [slots, slot_numel]: one contiguous slot per sequence, so a transport moves a sequence's state in one piece
         self.state_pool = None
         if state_layers:
@@ -129,14 +157,18 @@ class ModelRunner:
         return (torch.tensor(input_ids, dtype=torch.long, device=dev), positions.to(dev), meta, sample_rows,
                 sample_seqs, sample_positions)
 
+    def _forward(self, input_ids, positions, meta: AttentionMetadata) -> torch.Tensor:
+        if self.decode_step is not None and self.decode_step.supports(meta):
+            return self.decode_step(input_ids, positions, meta)
+        return self.model(input_ids, positions, meta)
+
     @torch.inference_mode()
     def run(self, scheduled: list[tuple[Sequence, int]]):
         """One forward pass; returns the sequences that sampled, their tokens and logprobs entries."""
         input_ids, positions, meta, rows, seqs, sample_positions = self.prepare(scheduled)
-        if self.decode_step is not None and self.decode_step.supports(meta):
-            hidden = self.decode_step(input_ids, positions, meta)
-        else:
-            hidden = self.model(input_ids, positions, meta)
+        if self.ranks is not None:
+            self.ranks.send(forward_command(input_ids, positions, meta, rows))
+        hidden = self._forward(input_ids, positions, meta)
         if not seqs:
             return [], [], []
         logits = self.model.compute_logits(hidden[rows]).float()
@@ -150,3 +182,55 @@ class ModelRunner:
             apply_bitmask(logits, bitmask, constrained)
         tokens, logprobs = sample(logits, seqs, sample_positions)
         return seqs, tokens, logprobs
+
+    @torch.inference_mode()
+    def follow(self, cmd: Forward | MoveBlocks):
+        """A rank > 0: run what rank 0 runs (its logits are gathered to every rank; rank 0 alone samples)."""
+        if isinstance(cmd, MoveBlocks):
+            return self._move_blocks(cmd.block_ids, cmd.to_exchange)
+        input_ids, positions, meta, rows = forward_inputs(cmd, self.device)
+        hidden = self._forward(input_ids, positions, meta)
+        if rows:
+            self.model.compute_logits(hidden[rows])
+
+    def export_blocks(self, block_ids: list[int]):
+        """Before a KV transport reads these blocks from exchange_pool: bring every rank's heads into it."""
+        if self.ranks is not None and block_ids:
+            self.ranks.send(MoveBlocks(list(block_ids), True))
+            self._move_blocks(block_ids, True)
+
+    def import_blocks(self, block_ids: list[int]):
+        """After a KV transport wrote these blocks into exchange_pool: hand each rank its heads."""
+        if self.ranks is not None and block_ids:
+            self.ranks.send(MoveBlocks(list(block_ids), False))
+            self._move_blocks(block_ids, False)
+
+    @torch.inference_mode()
+    def _move_blocks(self, block_ids: list[int], to_exchange: bool):
+        """Collective over all ranks: rank r holds KV heads [r * total // tp, + local) of every block (shared ones
+        are replicated: several ranks write the same values)."""
+        ids = torch.tensor(block_ids, dtype=torch.long, device=self.device)
+        rank, size, local = tp_rank(), tp_size(), self.kv_pool.shape[4]
+
+        def heads(r: int) -> slice:
+            first = r * self.kv_heads_total // size
+            return slice(first, first + local)
+
+        if to_exchange:
+            shard = self.kv_pool[:, :, ids]
+            parts = [torch.empty_like(shard) for _ in range(size)] if rank == 0 else None
+            dist.gather(shard, parts, dst=0)
+            if rank == 0:
+                for r, part in enumerate(parts):
+                    self.exchange_pool[:, :, ids, :, heads(r)] = part
+        else:
+            shard = torch.empty_like(self.kv_pool[:, :, ids])
+            parts = [self.exchange_pool[:, :, ids, :, heads(r)].contiguous() for r in range(size)] if rank == 0 \
+                else None
+            dist.scatter(shard, parts, src=0)
+            self.kv_pool[:, :, ids] = shard
+
+    def close(self):
+        if self.ranks is not None:
+            self.ranks.close()
+            self.ranks = None

@@ -57,6 +57,10 @@ def add_worker_args(ap: argparse.ArgumentParser) -> argparse.ArgumentParser:
                     help='JSON, e.g. \'{"method": "ngram", "num_speculative_tokens": 3}\' (decode workers)')
     ap.add_argument("--decode-mode", default="auto", choices=["auto", "eager", "compile"],
                     help="decode-only steps: torch.compile'd or eager (auto: eager on CPU)")
+    ap.add_argument("--tensor-parallel-size", type=int, default=1,
+                    help="processes sharing the model's weights and KV heads (torch.distributed: gloo / NCCL)")
+    ap.add_argument("--enable-expert-parallel", action="store_true",
+                    help="MoE: shard whole experts across the tensor-parallel ranks instead of slicing each")
     ap.add_argument("--log-level", default="info")
     return ap
 
@@ -79,7 +83,8 @@ class WorkerRuntime:
             kv_cache_memory_gb=args.kv_cache_memory_gb, max_num_seqs=args.max_num_seqs,
             max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
             enable_prefix_caching=not args.no_prefix_caching, speculative_config=args.speculative_config,
-            decode_mode=args.decode_mode),
+            decode_mode=args.decode_mode, tensor_parallel_size=args.tensor_parallel_size,
+            enable_expert_parallel=args.enable_expert_parallel),
             hold_finished=hold_finished)
         self.worker_id = f"{args.name or role}-{socket.gethostname()}-{os.getpid()}"
         self.advertise_host = args.advertise_host or args.host
@@ -216,3 +221,4 @@ class WorkerRuntime:
         for s in (self.inbox, self.events, self.commands):
             s.close()
         self.ctx.term()
+        self.engine.close()

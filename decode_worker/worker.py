@@ -37,13 +37,14 @@ class Admission:
     first_logprobs: dict[int, float] | None = None
     num_cached_tokens: int = 0
     landed: bool = False  # the transport reported the KV in our blocks
+    dst_block_ids: list[int] = dataclasses.field(default_factory=list)  # the blocks the prefill worker fills
 
 
 class DecodeWorker:
     def __init__(self, args):
         self.rt = WorkerRuntime(DECODE, args, commands=Admit | Abort | PeerGone, inbox=PrefillDone)
         self.engine = self.rt.engine
-        self.transport = make_transport(args.kv_transport, self.rt.worker_id, self.engine.runner.kv_pool,
+        self.transport = make_transport(args.kv_transport, self.rt.worker_id, self.engine.runner.exchange_pool,
                                         model_name=self.rt.model_name, state_pool=self.engine.runner.state_pool,
                                         host=args.host,
                                         advertise_host=self.rt.advertise_host)
@@ -137,11 +138,12 @@ class DecodeWorker:
             seq, bm = adm.seq, self.engine.block_manager
             skip = seq.num_computed_tokens // bm.block_size
             self.reserved[seq.request_id] = adm
+            adm.dst_block_ids = seq.block_table[skip:]
             self.transport.expect(seq.request_id, self.lease_s)
             self.rt.send_peer(adm.msg.prefill_inbox, PrefillTask(
                 request_id=seq.request_id, token_ids=seq.token_ids, params=seq.params,
                 num_generated=seq.num_output_tokens, skip_blocks=skip,
-                dst_block_ids=seq.block_table[skip:], decode_worker=self.rt.worker_id,
+                dst_block_ids=adm.dst_block_ids, decode_worker=self.rt.worker_id,
                 decode_inbox=self.rt.inbox_endpoint, kv_metadata=self.kv_metadata, lease_s=self.lease_s))
 
     def _on_prefill_done(self, msg: PrefillDone):
@@ -161,6 +163,8 @@ class DecodeWorker:
         adm = self.reserved.get(rid)
         if adm is not None:
             adm.landed = True
+            if not adm.aborted:
+                self.engine.runner.import_blocks(adm.dst_block_ids)
             self._maybe_start(adm)
 
     def _maybe_start(self, adm: Admission):

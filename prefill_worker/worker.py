@@ -40,7 +40,7 @@ class PrefillWorker:
     def __init__(self, args):
         self.rt = WorkerRuntime(PREFILL, args, commands=Abort | PeerGone, inbox=PrefillTask, hold_finished=True)
         self.engine = self.rt.engine
-        self.transport = make_transport(args.kv_transport, self.rt.worker_id, self.engine.runner.kv_pool,
+        self.transport = make_transport(args.kv_transport, self.rt.worker_id, self.engine.runner.exchange_pool,
                                         model_name=self.rt.model_name, state_pool=self.engine.runner.state_pool,
                                         host=args.host,
                                         advertise_host=self.rt.advertise_host)
@@ -133,6 +133,7 @@ class PrefillWorker:
         task.num_bytes = len(src) * layout.block_bytes + (layout.state_bytes if src else 0)
         task.started = now
         self.sending[msg.request_id] = task
+        self.engine.runner.export_blocks(src)
         self.transport.write_blocks(msg.decode_worker, src, msg.dst_block_ids, msg.request_id,
                                     timeout_s=task.deadline - now)
         self._done(task, first_token=seq.token_ids[-1], logprobs=seq.logprobs[-1] if seq.logprobs else None)

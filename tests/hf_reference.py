@@ -328,8 +328,9 @@ def run_mode_and_compare(
     max_new_tokens: int,
     tokenizer=None,
     check_logprobs_atol: float | None = 1e-2,
+    **llm_kwargs,
 ):
-    """Run one parity mode end to end and compare every output with HF.
+    """Run one parity mode end to end and compare every output with HF (llm_kwargs: more engine arguments).
 
     ``prompts`` are used for every mode but "prefix"; "prefix" uses
     ``prefix_prompts`` (sharing a long system prompt) in two generate calls on one
@@ -339,6 +340,7 @@ def run_mode_and_compare(
     use = prefix_prompts if mode == "prefix" else prompts
     longest = max(len(p) for p in use) + max_new_tokens
     kw = mode_llm_kwargs(mode, longest)
+    kw.update(llm_kwargs)
     llm = make_llm(model_dir, **kw)
     params = greedy_params(max_new_tokens)
     label = f"{mode} {kw}"
@@ -362,10 +364,7 @@ def run_mode_and_compare(
         )
         stats = llm.stats()
     finally:
-        del llm
-        import gc
-
-        gc.collect()
+        llm.close()
     if mode == "preempt":
         assert stats["num_preemptions"] > 0, f"preemption was not forced: {stats}"
     if mode == "prefix":

@@ -25,10 +25,12 @@ def prefill_logits(runner, prompt: list[int], splits: list[int]) -> torch.Tensor
 
 
 @contextlib.contextmanager
-def cluster_serving_like_offline(model_dir: str, transport: str, max_tokens: int = 24, num_prompts: int = 12):
+def cluster_serving_like_offline(model_dir: str, transport: str, max_tokens: int = 24, num_prompts: int = 12,
+                                 prefill_args: tuple[str, ...] = (), decode_args: tuple[str, ...] = ()):
     """A router + 1 prefill + 1 decode worker on model_dir whose streamed greedy chats equal the offline engine's,
     with both workers used, the transport asked for, and no block held afterwards. Yields (cluster, offline LLM,
-    prompts) for the caller's own checks on the same run."""
+    prompts) for the caller's own checks on the same run. prefill_args / decode_args: more flags for each worker
+    (the offline engine keeps its defaults)."""
     from common import LLM, SamplingParams
     from tests.cluster_harness import LocalCluster
     from tests.test_cluster import prompts, run_concurrently, stream_chat, wait_no_leaks
@@ -37,7 +39,9 @@ def cluster_serving_like_offline(model_dir: str, transport: str, max_tokens: int
     llm = LLM(model_dir, num_kv_blocks=512)
     params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
     expected = [o["text"] for o in llm.chat([[{"role": "user", "content": p}] for p in ps], params)]
-    with LocalCluster(model_dir, 1, 1, transport=transport) as c:
+    with LocalCluster(model_dir, 0, 0, transport=transport) as c:
+        c.add("prefill", extra=prefill_args)
+        c.add("decode", extra=decode_args)
         client = c.openai()
         results = run_concurrently(lambda p: stream_chat(client, p, max_tokens, ignore_eos=True), ps,
                                    workers=num_prompts)

@@ -15,9 +15,9 @@ float32, and a model whose reference casts them back (Qwen3-MoE) does so itself.
 in `w2` [E_local, H, I]. A step sorts its (token, expert) pairs by expert, gathers the rows once, runs each active
 expert once on its contiguous slice, puts the weighted results back in (token, slot) order and sums each token's
 top_k slots.
-The intermediate dimension is split across tensor-parallel ranks (output all-reduced, like `RowParallelLinear`);
-`local_experts` is the contiguous range of experts this rank holds (all of them until expert parallelism exists,
-when pairs routed to other ranks' experts are simply skipped here and summed in by the reduction).
+Under tensor parallelism the intermediate dimension is split across the ranks (output all-reduced, like
+`RowParallelLinear`); under expert parallelism each rank holds `local_experts`, a contiguous range of whole experts:
+pairs routed to other ranks' experts are skipped here and summed in by the same reduction.
 """
 import re
 
@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from common.layers.parallel import all_reduce, tp_rank, tp_size
+from common.layers.parallel import all_reduce, expert_parallel, tp_rank, tp_size
 
 
 def select_experts(router_logits: torch.Tensor, top_k: int, scoring: str = "softmax", renormalize: bool = False,
@@ -83,11 +83,18 @@ class FusedMoE(nn.Module):
     def __init__(self, num_experts: int, top_k: int, hidden_size: int, intermediate_size: int,
                  local_experts: range | None = None):
         super().__init__()
-        assert intermediate_size % tp_size() == 0
         self.num_experts, self.top_k = num_experts, top_k
+        # expert parallelism: each rank holds whole experts, a contiguous share of them; otherwise every rank holds
+        # a slice of every expert's intermediate features. Either way the ranks' outputs sum to the layer's.
+        self.slices = 1 if expert_parallel() else tp_size()
+        if local_experts is None and expert_parallel():
+            assert num_experts % tp_size() == 0
+            share = num_experts // tp_size()
+            local_experts = range(tp_rank() * share, (tp_rank() + 1) * share)
         self.local_experts = local_experts if local_experts is not None else range(num_experts)
         assert self.local_experts.step == 1 and 0 <= self.local_experts.start <= self.local_experts.stop <= num_experts
-        self.intermediate_per_rank = intermediate_size // tp_size()
+        assert intermediate_size % self.slices == 0
+        self.intermediate_per_rank = intermediate_size // self.slices
         n, i = len(self.local_experts), self.intermediate_per_rank
         self.w13 = nn.Parameter(torch.empty(n, 2 * i, hidden_size), requires_grad=False)
         self.w2 = nn.Parameter(torch.empty(n, hidden_size, i), requires_grad=False)
@@ -102,7 +109,8 @@ class FusedMoE(nn.Module):
             dest = param.data[expert - self.local_experts.start]
         else:
             return  # another rank's expert
-        i, rank, tp = self.intermediate_per_rank, tp_rank(), tp_size()
+        i, tp = self.intermediate_per_rank, self.slices
+        rank = tp_rank() if tp > 1 else 0
         if part == "down":
             dest.copy_(loaded.chunk(tp, -1)[rank])
             return
