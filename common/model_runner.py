@@ -5,11 +5,12 @@ import math
 import torch
 import torch.distributed as dist
 
-from common.compiled_step import CompiledDecode, resolve_mode
+from common.compiled_step import CompiledDecode, prepack_linears, resolve_mode
 from common.config import EngineConfig
 from common.layers.attention import AttentionMetadata, PrefillChunk
 from common.layers.sampler import sample
 from common.loader import load_weights
+from common.layers.packed_linear import can_pack
 from common.layers.parallel import tp_rank, tp_size
 from common.models import model_class
 from common.sequence import Sequence
@@ -92,6 +93,8 @@ class ModelRunner:
             for layer in state_layers:
                 layer.bind_state(self.state_pool[:, offset:offset + layer.state_numel], self.block_size)
                 offset += layer.state_numel
+        if self.decode_mode == "compile" and can_pack(config.torch_dtype, self.device):
+            log.info("compiled decode: %d linear weights prepacked for oneDNN", prepack_linears(self.model))
         self.decode_step = None
         if self.decode_mode != "eager":
             self.decode_step = CompiledDecode(

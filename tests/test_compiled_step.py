@@ -8,6 +8,7 @@ import torch
 
 from common import LLM, SamplingParams
 from common.compiled_step import batch_buckets, resolve_mode
+from common.layers.packed_linear import can_pack
 from common.errors import InvalidRequestError
 from tests.test_cluster import model_dir, offline  # noqa: F401  (module fixtures, reused)
 from tests.tiny_models import TinyConfig
@@ -29,6 +30,8 @@ def test_compiled_decode_equals_eager_and_compiles_two_graphs(tiny_model_factory
     eager = LLM(model, num_kv_blocks=256, decode_mode="eager", dtype="float32")
     compiled = LLM(model, num_kv_blocks=256, decode_mode="compile", dtype="float32")
     assert compiled.engine.runner.decode_step is not None and eager.engine.runner.decode_step is None
+    packed = [m for m in compiled.engine.runner.model.modules() if getattr(m, "packed_key", None) is not None]
+    assert len(packed) == 2 * 4 + 1  # qkv, o, gate_up, down per layer, and the LM head
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
     # batch 1, then a batch that shrinks as requests finish at different lengths, contexts crossing many blocks
@@ -56,6 +59,34 @@ def test_compiled_decode_with_preemption_and_prefix_hits(tiny_model_factory):
     assert got == want
     stats = llm.engine.stats()
     assert stats["num_preemptions"] > 0 and stats["prefix_cache_hit_tokens"] > 0
+
+
+@pytest.mark.skipif(not can_pack(torch.float32, torch.device("cpu")), reason="no oneDNN in this torch build")
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 3e-2)])
+def test_prepacked_linear_equals_plain(dtype, tol):
+    from common.layers.linear import ColumnParallelLinear
+    from common.layers.packed_linear import pack
+
+    g = torch.Generator().manual_seed(0)
+    linear = ColumnParallelLinear(64, 96, bias=True)
+    linear.weight.data = torch.randn(96, 64, generator=g).to(dtype)
+    linear.bias.data = torch.randn(96, generator=g).to(dtype)
+    x = torch.randn(7, 64, generator=g).to(dtype)
+    want = linear(x)
+    pack(linear, free_plain=True)
+    assert linear.weight.numel() == 0  # the plain copy is gone: the packed one is the only weight in memory
+    for rows in (slice(0, 1), slice(0, 7)):  # a decode row and a prefill-sized batch
+        torch.testing.assert_close(linear(x[rows]), want[rows], rtol=tol, atol=tol)
+
+
+def test_compiled_mla_model_equals_eager(tmp_path):
+    """MLA reads kv_b_proj's weight directly (absorbed), so that one linear must stay unpacked."""
+    from tests.tiny_deepseek import TinyDeepseekConfig, make_tiny_deepseek
+
+    model = str(make_tiny_deepseek(tmp_path / "deepseek", TinyDeepseekConfig()))
+    want = generate(LLM(model, num_kv_blocks=64, decode_mode="eager"), PROMPTS[:2], max_tokens=8)
+    got = generate(LLM(model, num_kv_blocks=64, decode_mode="compile"), PROMPTS[:2], max_tokens=8)
+    assert [o["token_ids"] for o in got] == [o["token_ids"] for o in want]
 
 
 def test_decode_mode_is_checked(tiny_model_factory):

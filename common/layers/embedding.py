@@ -4,6 +4,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from common.layers.packed_linear import matmul
 from common.layers.parallel import all_reduce, tp_rank, tp_size
 
 
@@ -32,7 +33,7 @@ class VocabParallelEmbedding(nn.Module):
 
 class ParallelLMHead(VocabParallelEmbedding):
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        logits = F.linear(hidden, self.weight)
+        logits = matmul(self, hidden)
         if tp_size() == 1:
             return logits
         parts = [torch.empty_like(logits) for _ in range(tp_size())]

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from common.layers.packed_linear import matmul
 from common.layers.parallel import all_reduce, tp_rank, tp_size
 
 
@@ -28,7 +29,10 @@ class _ShardedLinear(nn.Module):
         param.data.copy_(loaded)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        if getattr(self, "packed_key", None) is None:
+            return F.linear(x, self.weight, self.bias)
+        y = matmul(self, x)
+        return y if self.bias is None else y + self.bias
 
 
 class ReplicatedLinear(_ShardedLinear):
@@ -49,7 +53,7 @@ class RowParallelLinear(_ShardedLinear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # the bias is added once, after the reduction
-        y = all_reduce(F.linear(x, self.weight))
+        y = all_reduce(matmul(self, x))
         return y + self.bias if self.bias is not None else y
 
 

@@ -54,6 +54,7 @@ class MLAttention(nn.Module):
         self.kv_a_proj_with_mqa = ReplicatedLinear(config.hidden_size, self.kv_rank + self.rope_dim, bias=bias)
         self.kv_a_layernorm = RMSNorm(self.kv_rank, LATENT_NORM_EPS)
         self.kv_b_proj = ColumnParallelLinear(self.kv_rank, heads * (self.nope_dim + self.v_dim))
+        self.kv_b_proj.prepack = False  # its weight is read directly (absorbed), never applied as a linear
         self.o_proj = RowParallelLinear(heads * self.v_dim, config.hidden_size, bias=bias)
         self.rotary = rotary
         self.interleaved = getattr(config, "rope_interleave", True)
