@@ -366,7 +366,7 @@ class Spec:
     port: int = 8000
     control_port: int | None = None  # port + 100
     kv_transport: str = "auto"
-    threads_per_worker: int | None = None  # cpu_count // (prefill + decode workers)
+    threads_per_worker: int | None = None  # cpu_count // (processes of the prefill + decode workers)
     prefill_workers: int = 1
     decode_workers: int = 1
     prefill_args: list[str] = field(default_factory=list)
@@ -468,7 +468,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--control-port", type=int, help="router ZeroMQ control port (default port + 100)")
     p.add_argument("--kv-transport", choices=KV_TRANSPORTS, help="default auto")
     p.add_argument("--threads-per-worker", type=int, metavar="T",
-                   help="torch threads per worker (default max(1, cpu_count // (N + K)))")
+                   help="torch threads per worker process (default max(1, cpu_count // processes), where a "
+                        "worker counts its --tensor-parallel-size ranks)")
     # argparse reads a lone "--flag" as an option of ours, so such a value needs the = form: --decode-args=--flag
     p.add_argument("--prefill-args", metavar='"..."',
                    help='extra flags for every prefill worker (one flag alone: --prefill-args="--flag")')
@@ -483,6 +484,15 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="print the command lines and exit (the default model and .gguf files appear by name, "
                         "not yet converted)")
     return p
+
+
+def _tensor_parallel_size(worker_args: list[str]) -> int:
+    for i, arg in enumerate(worker_args):
+        value = arg.split("=", 1)[1] if arg.startswith("--tensor-parallel-size=") else \
+            worker_args[i + 1] if arg == "--tensor-parallel-size" and i + 1 < len(worker_args) else None
+        if value is not None:
+            return int(value) if value.isdigit() and int(value) > 0 else 1  # the worker itself refuses bad values
+    return 1
 
 
 def resolve_spec(args: argparse.Namespace) -> Spec:
@@ -503,7 +513,10 @@ def resolve_spec(args: argparse.Namespace) -> Spec:
     if spec.control_port is None:
         spec.control_port = spec.port + 100
     if spec.threads_per_worker is None:
-        spec.threads_per_worker = max(1, (os.cpu_count() or 1) // max(1, spec.prefill_workers + spec.decode_workers))
+        # a worker with --tensor-parallel-size N runs N processes, each with the worker's thread count
+        processes = (spec.prefill_workers * _tensor_parallel_size(spec.prefill_args)
+                     + spec.decode_workers * _tensor_parallel_size(spec.decode_args))
+        spec.threads_per_worker = max(1, (os.cpu_count() or 1) // max(1, processes))
     if spec.threads_per_worker < 1:
         raise ValueError("threads_per_worker must be >= 1")
     return spec

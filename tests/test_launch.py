@@ -273,6 +273,10 @@ def test_dry_run_from_flags(capsys, monkeypatch):
     assert cmds["decode-2"][:3] == [PY, "-m", "decode_worker"]
     assert cmds["decode-2"][-4:] == ["--name", "decode-2", "--max-num-seqs", "8"]
     assert flag(cmds["decode-2"], "--threads") == "3"  # 16 cores // 5 workers
+    # each tensor-parallel rank is a process of its own: 2 x 2 prefill ranks + 3 decode workers share 16 cores
+    cmds = dry_run(capsys, "--prefill-workers", "2", "--decode-workers", "3",
+                   "--prefill-args", "--tensor-parallel-size 2")
+    assert flag(cmds["decode-2"], "--threads") == "2"
 
 
 def test_dry_run_defaults_pass_the_default_name_through(capsys, monkeypatch):
