@@ -198,15 +198,16 @@ class ModelRunner:
 
     def export_blocks(self, block_ids: list[int]):
         """Before a KV transport reads these blocks from exchange_pool: bring every rank's heads into it."""
-        if self.ranks is not None and block_ids:
-            self.ranks.send(MoveBlocks(list(block_ids), True))
-            self._move_blocks(block_ids, True)
+        self._lead_move_blocks(block_ids, to_exchange=True)
 
     def import_blocks(self, block_ids: list[int]):
         """After a KV transport wrote these blocks into exchange_pool: hand each rank its heads."""
-        if self.ranks is not None and block_ids:
-            self.ranks.send(MoveBlocks(list(block_ids), False))
-            self._move_blocks(block_ids, False)
+        self._lead_move_blocks(block_ids, to_exchange=False)
+
+    def _lead_move_blocks(self, block_ids: list[int], to_exchange: bool):
+        if self.ranks is not None and block_ids:  # one rank: exchange_pool is the KV pool itself
+            self.ranks.send(MoveBlocks(list(block_ids), to_exchange))
+            self._move_blocks(block_ids, to_exchange)
 
     @torch.inference_mode()
     def _move_blocks(self, block_ids: list[int], to_exchange: bool):

@@ -131,9 +131,6 @@ class TensorParallelRanks:
     """Rank 0's side: starts ranks 1..N-1, joins the process group with them and sends them every command."""
 
     def __init__(self, config):
-        if dist.is_initialized():
-            raise TensorParallelError("this process already belongs to a tensor-parallel group (close the other "
-                                      "engine first)")
         size = config.tensor_parallel_size
         self.store = dist.TCPStore("127.0.0.1", 0, size, is_master=True, wait_for_workers=False,
                                    timeout=timedelta(seconds=START_TIMEOUT_S))

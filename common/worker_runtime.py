@@ -111,6 +111,13 @@ class WorkerRuntime:
         s.setsockopt(zmq.LINGER, 0)
         return s
 
+    def transport_options(self) -> dict:
+        """make_transport's arguments for this worker: the pools a hand-off reads or writes (with tensor parallelism,
+        rank 0's full-head exchange pool) and the addresses peers use."""
+        runner = self.engine.runner
+        return dict(name=self.worker_id, pool=runner.exchange_pool, state_pool=runner.state_pool,
+                    model_name=self.model_name, host=self.args.host, advertise_host=self.advertise_host)
+
     def start(self, kv_transport: str, kv_layout_hash: str, load_fn):
         """Register with the router (first heartbeat) and keep heartbeating load_fn() until stop()."""
         cfg = self.engine.config

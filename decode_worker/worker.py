@@ -44,10 +44,7 @@ class DecodeWorker:
     def __init__(self, args):
         self.rt = WorkerRuntime(DECODE, args, commands=Admit | Abort | PeerGone, inbox=PrefillDone)
         self.engine = self.rt.engine
-        self.transport = make_transport(args.kv_transport, self.rt.worker_id, self.engine.runner.exchange_pool,
-                                        model_name=self.rt.model_name, state_pool=self.engine.runner.state_pool,
-                                        host=args.host,
-                                        advertise_host=self.rt.advertise_host)
+        self.transport = make_transport(args.kv_transport, **self.rt.transport_options())
         self.kv_metadata = self.transport.metadata()
         self.lease_s = args.kv_lease
         self.max_pending = args.max_pending or 4 * args.max_num_seqs

@@ -487,11 +487,16 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _tensor_parallel_size(worker_args: list[str]) -> int:
+    """Processes a worker started with these flags runs (1 for a bad value: the worker itself refuses it)."""
+    flag = "--tensor-parallel-size"
     for i, arg in enumerate(worker_args):
-        value = arg.split("=", 1)[1] if arg.startswith("--tensor-parallel-size=") else \
-            worker_args[i + 1] if arg == "--tensor-parallel-size" and i + 1 < len(worker_args) else None
-        if value is not None:
-            return int(value) if value.isdigit() and int(value) > 0 else 1  # the worker itself refuses bad values
+        if arg == flag and i + 1 < len(worker_args):
+            value = worker_args[i + 1]
+        elif arg.startswith(flag + "="):
+            value = arg[len(flag) + 1:]
+        else:
+            continue
+        return int(value) if value.isdigit() and int(value) > 0 else 1
     return 1
 
 

@@ -40,10 +40,7 @@ class PrefillWorker:
     def __init__(self, args):
         self.rt = WorkerRuntime(PREFILL, args, commands=Abort | PeerGone, inbox=PrefillTask, hold_finished=True)
         self.engine = self.rt.engine
-        self.transport = make_transport(args.kv_transport, self.rt.worker_id, self.engine.runner.exchange_pool,
-                                        model_name=self.rt.model_name, state_pool=self.engine.runner.state_pool,
-                                        host=args.host,
-                                        advertise_host=self.rt.advertise_host)
+        self.transport = make_transport(args.kv_transport, **self.rt.transport_options())
         self.tasks: dict[str, Task] = {}  # queued or prefilling
         self.sending: dict[str, Task] = {}  # KV transfer in flight
         self.peer_metadata: dict[str, bytes] = {}  # decode worker id -> the metadata we paired with
