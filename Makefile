@@ -25,7 +25,7 @@ run: setup
 
 # offline chat with the default model, no server; PROMPT="..." answers one question and exits
 chat: setup
-	$(PY) -m common.cli $(if $(PROMPT),"$(PROMPT)",)
+	$(PY) -m common.engine.cli $(if $(PROMPT),"$(PROMPT)",)
 
 test: setup
 	$(PY) -m pytest -q tests

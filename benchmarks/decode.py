@@ -15,7 +15,8 @@ import sys
 import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from common import LLM, SamplingParams  # noqa: E402
+from common import SamplingParams  # noqa: E402
+from common.engine import LLM
 
 CODE = '''def fibonacci(n):
     """Return the n-th Fibonacci number."""

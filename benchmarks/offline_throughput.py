@@ -20,7 +20,7 @@ runs is kept.
             The HF cache holds random K/V (same cost as a real one) and is cropped back after each call.
 
 Models: "smollm2" (the default GGUF, converted to a float32 HF folder) and "qwen3-tiny" (random weights from
-tests/tiny_models.py: hidden 256, 4 layers, 8 heads, 4 kv heads, head_dim 32, vocab 8192, cached on disk).
+tests/support/tiny_models.py: hidden 256, 4 layers, 8 heads, 4 kv heads, head_dim 32, vocab 8192, cached on disk).
 
   .venv/bin/python benchmarks/offline_throughput.py --vllm-python /tmp/vllm-peer/venv/bin/python
 """
@@ -51,12 +51,12 @@ def make_prompts(n, length, vocab, seed, low=3):
 
 def model_folder(name, cache_dir):
     if name == "smollm2":
-        from common.gguf_convert import default_gguf_path, gguf_to_hf_folder
+        from common.models.gguf import default_gguf_path, gguf_to_hf_folder
         return gguf_to_hf_folder(default_gguf_path())
     if name == "qwen3-tiny":
         folder = os.path.join(cache_dir, "qwen3-tiny-h256-l4-q8kv4-d32-v8192")
         if not os.path.isfile(os.path.join(folder, "model.safetensors")):
-            from tests.tiny_models import make_tiny_model
+            from tests.support.tiny_models import make_tiny_model
             make_tiny_model(folder, arch="qwen3", hidden_size=256, num_layers=4, num_heads=8, num_kv_heads=4,
                             head_dim=32, vocab_size=8192, intermediate_size=768, seed=0)
         return folder
@@ -72,7 +72,8 @@ def hf_config(folder):
 
 # ---------------------------------------------------------------- nano-pd
 def bench_ours(a, folder, vocab):
-    from common import LLM, SamplingParams
+    from common import SamplingParams
+    from common.engine import LLM
 
     llm = LLM(folder, dtype=a.dtype, max_num_seqs=a.n, max_num_batched_tokens=a.max_num_batched_tokens)
     llm.generate(make_prompts(min(a.n, 8), a.input_len, vocab, WARM_SEED),

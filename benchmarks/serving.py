@@ -332,8 +332,8 @@ def run_colocated(config: BenchConfig | Mapping[str, Any]) -> dict[str, Any]:
     from transformers import AutoTokenizer
 
     from common import SamplingParams
-    from common.config import EngineConfig
-    from common.engine import LLMEngine
+    from common.engine.config import EngineConfig
+    from common.engine.llm_engine import LLMEngine
 
     cfg = config if isinstance(config, BenchConfig) else BenchConfig(**dict(config))
     model_arg = None if cfg.colocated in (None, "", "default") else cfg.colocated

@@ -19,10 +19,10 @@ import logging
 from collections import deque
 
 from common.errors import InvalidRequestError
-from common.protocol import (DECODE, Abort, Admit, PeerGone, PrefillDone, PrefillTask, Rejected,
+from common.cluster.protocol import (DECODE, Abort, Admit, PeerGone, PrefillDone, PrefillTask, Rejected,
                              TokenOutput, Tokens, WorkerLoad)
-from common.sequence import Sequence
-from common.worker_runtime import WorkerRuntime
+from common.engine.sequence import Sequence
+from common.cluster.runtime import WorkerRuntime
 from kv_transfer import make_transport
 
 log = logging.getLogger("nano_pd.decode")

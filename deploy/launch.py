@@ -28,7 +28,8 @@ import urllib.request
 from dataclasses import dataclass, field
 from typing import Callable, TextIO
 
-DEFAULT_MODEL = "SmolLM2-135M-Instruct"  # same as common.gguf_convert.DEFAULT_MODEL, which would pull in torch
+from common.names import DEFAULT_MODEL, is_default_model, served_model_name
+
 KV_TRANSPORTS = ("auto", "nixl", "zmq")
 
 
@@ -346,17 +347,12 @@ def served_model(model: str, convert: bool = True) -> tuple[str, str]:
     every worker would race to convert the same file at start-up. With convert=False (a dry run) the name is
     passed through; every process would resolve it the same way itself.
     """
-    if model in (DEFAULT_MODEL, "default"):
-        name = DEFAULT_MODEL
-    elif model.endswith(".gguf"):
-        name = os.path.splitext(os.path.basename(model))[0]
-    else:
-        return model, os.path.basename(os.path.normpath(model))
-    if not convert:
+    name = served_model_name(model)
+    if not convert or not (is_default_model(model) or model.endswith(".gguf")):
         return model, name
-    from common.config import resolve_model
+    from common import names  # the module, so tests can stand in for the conversion
 
-    return resolve_model(model), name
+    return names.resolve_model(model), name
 
 
 @dataclass

@@ -16,7 +16,7 @@ def make_transport(kind: str, name: str, pool, layout: KVLayout | None = None, *
                    state_pool=None, timeout_s: float = DEFAULT_TIMEOUT_S, **backend_kwargs) -> KVTransport:
     """kind: "nixl" | "zmq" | "auto" (NIXL when it imports and can register the pool, else ZMQ).
 
-    state_pool: a hybrid model's per-sequence state slots (ModelRunner.state_pool), moved with the blocks.
+    state_pool: a hybrid model's per-sequence state slots (KVCache.state_pool), moved with the blocks.
 
     backend_kwargs go to the chosen backend (zmq: host, port, advertise_host; nixl: progress_thread); each
     backend takes only those it knows, so callers can pass every option whatever the kind. Both sides of a pair must end up on one backend;

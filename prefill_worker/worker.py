@@ -17,9 +17,9 @@ import logging
 import time
 
 from common.errors import InvalidRequestError
-from common.protocol import PREFILL, Abort, KVTransferred, PeerGone, PrefillDone, PrefillTask, WorkerLoad
-from common.sequence import Sequence, SequenceStatus
-from common.worker_runtime import WorkerRuntime
+from common.cluster.protocol import PREFILL, Abort, KVTransferred, PeerGone, PrefillDone, PrefillTask, WorkerLoad
+from common.engine.sequence import Sequence, SequenceStatus
+from common.cluster.runtime import WorkerRuntime
 from kv_transfer import KVLayoutMismatch, make_transport
 
 LEASE_MARGIN_S = 2.0

@@ -39,15 +39,14 @@ def main(argv=None):
     import uvicorn
     from transformers import AutoTokenizer
 
-    from common.worker_runtime import served_model_name
+    from common.names import resolve_model, served_model_name
     from router.app import create_app
     from router.cluster import Cluster
     from router.router_metrics import RouterMetrics
 
     folder = args.model
     if folder is None or not os.path.isdir(folder):
-        from common.config import resolve_model  # converts a GGUF once (cached): needs torch, only here
-        folder = resolve_model(args.model)
+        folder = resolve_model(args.model)  # converts a GGUF once (cached): needs torch, only here
     name = args.served_model_name or served_model_name(args.model)
     tokenizer = AutoTokenizer.from_pretrained(folder)
     metrics = RouterMetrics(name)

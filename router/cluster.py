@@ -17,7 +17,7 @@ import zmq
 import zmq.asyncio
 
 from common.block_hash import block_hashes
-from common.protocol import (DECODE, PREFILL, Abort, Admit, Decoder, Heartbeat, KVTransferred, PeerGone, Registered,
+from common.cluster.protocol import (DECODE, PREFILL, Abort, Admit, Decoder, Heartbeat, KVTransferred, PeerGone, Registered,
                              Rejected,
                              RouterInbound, TokenOutput, Tokens, WorkerInfo, WorkerLoad, encode)
 from common.sampling_params import SamplingParams

@@ -4,7 +4,7 @@
   (override with NANO_PD_TEST_THREADS).
 * session fixtures: tiny model folders (built once per session under
   tmp_path_factory) and the converted SmolLM2 folder; HF references are cached
-  for the session inside tests/hf_reference.py.
+  for the session inside tests/support/hf_reference.py.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 @pytest.fixture(scope="session")
 def tiny_model_factory(tmp_path_factory):
     """``get(cfg: TinyConfig) -> Path``: builds each tiny model folder once per session."""
-    from tests.tiny_models import make_tiny_model_from_config
+    from tests.support.tiny_models import make_tiny_model_from_config
 
     built: dict = {}
 
@@ -40,7 +40,7 @@ def tiny_model_factory(tmp_path_factory):
 @pytest.fixture(scope="session")
 def hf_refs():
     """``refs(model_dir, prompts, max_new_tokens) -> [(ids, logits), ...]`` (session-cached)."""
-    from tests.hf_reference import hf_greedy_batch
+    from tests.support.hf_reference import hf_greedy_batch
 
     return hf_greedy_batch
 
@@ -48,6 +48,6 @@ def hf_refs():
 @pytest.fixture(scope="session")
 def smollm2_dir():
     """HF safetensors folder converted from the bundled SmolLM2-135M-Instruct GGUF."""
-    from common.gguf_convert import default_gguf_path, gguf_to_hf_folder
+    from common.models.gguf import default_gguf_path, gguf_to_hf_folder
 
     return gguf_to_hf_folder(default_gguf_path())

@@ -1,0 +1,1 @@
+"""Building blocks of the models: paged attention, rotary, norms, tensor-parallel linears and embeddings, MoE."""

@@ -6,7 +6,7 @@ the query-length dimension so grouped-query attention needs no repeated K/V. Pre
 time: a chunk with no cached context uses its own fresh K/V with a causal mask, otherwise it reads its whole
 context back from the blocks.
 
-A decode-only batch run by a compiled step (`common/compiled_step.py`) reaches the cache through one opaque custom
+A decode-only batch run by a compiled step (`common/engine/compiled_step.py`) reaches the cache through one opaque custom
 op per layer: the compiler then neither traces the scattered cache writes (a traced in-place write into a view of
 the pool makes it copy the pool) nor specialises on the context length.
 """

@@ -5,7 +5,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from common.layers.packed_linear import matmul
-from common.layers.parallel import all_reduce, tp_rank, tp_size
+from common.parallel.state import all_reduce, tp_rank, tp_size
 
 
 class VocabParallelEmbedding(nn.Module):

@@ -18,7 +18,7 @@ from torch import nn
 from common.layers.attention import AttentionMetadata
 from common.layers.linear import ReplicatedLinear
 from common.layers.norm import GatedRMSNorm
-from common.layers.parallel import tp_size
+from common.parallel.state import tp_size
 
 
 def l2norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from common.layers.packed_linear import matmul
-from common.layers.parallel import all_reduce, tp_rank, tp_size
+from common.parallel.state import all_reduce, tp_rank, tp_size
 
 
 class _ShardedLinear(nn.Module):

@@ -13,7 +13,7 @@ from torch import nn
 from common.layers.attention import AttentionMetadata, PagedAttention
 from common.layers.linear import ColumnParallelLinear, ReplicatedLinear, RowParallelLinear
 from common.layers.norm import RMSNorm
-from common.layers.parallel import tp_size
+from common.parallel.state import tp_size
 from common.layers.rotary import RotaryEmbedding, rope_parameters, yarn_mscale
 
 # transformers builds q_a_layernorm and kv_a_layernorm with its RMSNorm default, not config.rms_norm_eps

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from common.layers.parallel import all_reduce, expert_parallel, tp_rank, tp_size
+from common.parallel.state import all_reduce, expert_parallel, tp_rank, tp_size
 
 
 def select_experts(router_logits: torch.Tensor, top_k: int, scoring: str = "softmax", renormalize: bool = False,

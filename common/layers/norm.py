@@ -2,7 +2,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from common.layers.parallel import all_reduce, tp_rank, tp_size
+from common.parallel.state import all_reduce, tp_rank, tp_size
 
 
 class RMSNorm(nn.Module):

@@ -7,7 +7,7 @@ from common.layers.attention import AttentionMetadata, PagedAttention
 from common.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from common.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 from common.layers.norm import RMSNorm
-from common.layers.parallel import tp_size
+from common.parallel.state import tp_size
 from common.layers.rotary import RotaryEmbedding, rope_parameters
 
 

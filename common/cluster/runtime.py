@@ -1,0 +1,222 @@
+"""What the prefill and decode workers share: their command line, the engine, the sockets to the router and to
+peers, and the heartbeat thread.
+
+Heartbeats come from a thread of their own, so a long forward pass never makes a live worker look dead (torch
+releases the GIL while it computes). That thread owns the worker's identity socket to the router and relays the
+router's commands to the main loop over an inproc socket; the main loop owns every other socket, so no ZMQ socket
+is ever touched by two threads.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import socket
+import threading
+import time
+
+import msgspec
+import zmq
+
+from common.names import served_model_name
+from common.cluster.protocol import Decoder, Heartbeat, Registered, WorkerInfo, WorkerLoad, encode
+
+HEARTBEAT_INTERVAL_S = 0.5
+log = logging.getLogger("nano_pd.worker")
+
+
+def add_worker_args(ap: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    ap.add_argument("--router", required=True, help="HOST:PORT of the router's control endpoint")
+    ap.add_argument("--model", default=None, help="HF folder, .gguf file or the default model's name")
+    ap.add_argument("--served-model-name", default=None, help="the model name clients use (default: from --model)")
+    ap.add_argument("--name", default=None, help="worker name prefix (the pid is appended)")
+    ap.add_argument("--host", default="127.0.0.1", help="address to bind the worker's sockets on")
+    ap.add_argument("--advertise-host", default=None, help="address peers use to reach this worker (default --host)")
+    ap.add_argument("--kv-transport", default="auto", choices=["auto", "nixl", "zmq"])
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    ap.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    ap.add_argument("--block-size", type=int, default=16)
+    ap.add_argument("--num-kv-blocks", type=int, default=None)
+    ap.add_argument("--kv-cache-memory-gb", type=float, default=1.0)
+    ap.add_argument("--max-num-seqs", type=int, default=256)
+    ap.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    ap.add_argument("--max-model-len", type=int, default=None)
+    ap.add_argument("--no-prefix-caching", action="store_true")
+    ap.add_argument("--speculative-config", type=json.loads, default=None,
+                    help='JSON, e.g. \'{"method": "ngram", "num_speculative_tokens": 3}\' (decode workers)')
+    ap.add_argument("--decode-mode", default="auto", choices=["auto", "eager", "compile"],
+                    help="decode-only steps: torch.compile'd or eager (auto: eager on CPU)")
+    ap.add_argument("--tensor-parallel-size", type=int, default=1,
+                    help="processes sharing the model's weights and KV heads (torch.distributed: gloo / NCCL)")
+    ap.add_argument("--enable-expert-parallel", action="store_true",
+                    help="MoE: shard whole experts across the tensor-parallel ranks instead of slicing each")
+    ap.add_argument("--log-level", default="info")
+    return ap
+
+
+class WorkerRuntime:
+    def __init__(self, role: str, args, commands, inbox, hold_finished: bool = False):
+        """commands / inbox: the message types (a union) this role accepts from the router / from peers; anything
+        else on those sockets is dropped by the strict decoders, so a role never sees another role's messages."""
+        from common.engine.config import EngineConfig
+        from common.engine.llm_engine import LLMEngine
+
+        logging.basicConfig(level=args.log_level.upper(), format=f"%(asctime)s {role} %(levelname)s %(message)s")
+        if args.threads:
+            import torch
+            torch.set_num_threads(args.threads)
+        self.role, self.args = role, args
+        self.model_name = args.served_model_name or served_model_name(args.model)
+        self.engine = LLMEngine(EngineConfig(
+            model=args.model, dtype=args.dtype, block_size=args.block_size, num_kv_blocks=args.num_kv_blocks,
+            kv_cache_memory_gb=args.kv_cache_memory_gb, max_num_seqs=args.max_num_seqs,
+            max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
+            enable_prefix_caching=not args.no_prefix_caching, speculative_config=args.speculative_config,
+            decode_mode=args.decode_mode, tensor_parallel_size=args.tensor_parallel_size,
+            enable_expert_parallel=args.enable_expert_parallel),
+            hold_finished=hold_finished)
+        self.worker_id = f"{args.name or role}-{socket.gethostname()}-{os.getpid()}"
+        self.advertise_host = args.advertise_host or args.host
+        self.router_endpoint = "tcp://" + args.router
+        self.ctx = zmq.Context()
+        self.inbox = self._socket(zmq.PULL)
+        self.inbox_endpoint = f"tcp://{self.advertise_host}:{self.inbox.bind_to_random_port('tcp://' + args.host)}"
+        self.events = self._socket(zmq.DEALER)  # Tokens / Rejected up to the router
+        self.events.connect(self.router_endpoint)
+        self.commands = self._socket(zmq.PULL)
+        self.commands.bind("inproc://commands")
+        self._peers: dict[str, zmq.Socket] = {}  # inbox endpoint -> PUSH
+        self._poller = zmq.Poller()
+        self._poller.register(self.commands, zmq.POLLIN)
+        self._poller.register(self.inbox, zmq.POLLIN)
+        self._command_decoder = Decoder(commands | Registered, "router commands")
+        self._peer_decoder = Decoder(inbox, "worker inbox")
+        self.stopping = False
+        self.info: WorkerInfo | None = None
+        self._thread: threading.Thread | None = None
+
+    def _socket(self, kind: int) -> zmq.Socket:
+        s = self.ctx.socket(kind)
+        s.setsockopt(zmq.LINGER, 0)
+        return s
+
+    def transport_options(self) -> dict:
+        """make_transport's arguments for this worker: the pools a hand-off reads or writes (with tensor parallelism,
+        rank 0's full-head exchange pool) and the addresses peers use."""
+        runner = self.engine.runner
+        return dict(name=self.worker_id, pool=runner.kv.exchange_pool, state_pool=runner.kv.state_pool,
+                    model_name=self.model_name, host=self.args.host, advertise_host=self.advertise_host)
+
+    def start(self, kv_transport: str, kv_layout_hash: str, load_fn):
+        """Register with the router (first heartbeat) and keep heartbeating load_fn() until stop()."""
+        cfg = self.engine.config
+        self.info = WorkerInfo(
+            worker_id=self.worker_id, role=self.role, model=self.model_name, inbox=self.inbox_endpoint,
+            kv_transport=kv_transport, kv_layout_hash=kv_layout_hash, block_size=cfg.block_size,
+            num_blocks=self.engine.block_manager.num_blocks, max_model_len=cfg.max_model_len,
+            host=self.advertise_host, pid=os.getpid())
+        self._thread = threading.Thread(target=self._control_loop, args=(load_fn,), daemon=True, name="heartbeat")
+        self._thread.start()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: self.stop())
+        log.info("%s started: inbox %s, router %s, %d KV blocks, transport %s", self.worker_id,
+                 self.inbox_endpoint, self.router_endpoint, self.info.num_blocks, kv_transport)
+
+    def engine_load(self, **extra) -> WorkerLoad:
+        s = self.engine.stats()
+        return WorkerLoad(**{"num_running": s["num_running"], "num_waiting": s["num_waiting"],
+                             "free_blocks": s["free_blocks"], "total_blocks": s["total_blocks"],
+                             "prefix_cache_queries": s["prefix_cache_queries"],
+                             "prefix_cache_hits": s["prefix_cache_hit_tokens"],
+                             "num_preemptions": s["num_preemptions"], "spec_draft_tokens": s["spec_draft_tokens"],
+                             "spec_accepted_tokens": s["spec_accepted_tokens"],
+                             "spec_verify_steps": s["spec_verify_steps"], **extra})
+
+    def _control_loop(self, load_fn):
+        control = self._socket(zmq.DEALER)
+        control.setsockopt(zmq.IDENTITY, self.worker_id.encode())
+        control.connect(self.router_endpoint)
+        relay = self._socket(zmq.PUSH)
+        relay.connect("inproc://commands")
+        next_beat = time.monotonic()
+        try:
+            while not self.stopping:
+                now = time.monotonic()
+                if now >= next_beat:
+                    try:
+                        control.send(encode(Heartbeat(self.info, load_fn())), zmq.NOBLOCK)
+                    except zmq.Again:
+                        pass  # router unreachable and our queue full: later beats will tell it
+                    next_beat = now + HEARTBEAT_INTERVAL_S
+                if control.poll(max(1, int((next_beat - now) * 1000))):
+                    relay.send(control.recv())
+        except zmq.ContextTerminated:
+            pass
+        except Exception:  # a worker that cannot heartbeat would be declared dead anyway: stop it visibly
+            log.exception("heartbeat thread failed; stopping the worker")
+            self.stopping = True
+        finally:
+            control.close()
+            relay.close()
+
+    def poll(self, timeout_ms: int) -> tuple[list, list]:
+        """Router commands and peer messages that arrived (waiting up to timeout_ms for the first), decoded. The
+        router's answer to registration is handled here: a refusal ends the worker (exit status 2)."""
+        commands, peer_messages = [], []
+        if not self._poller.poll(timeout_ms):
+            return commands, peer_messages
+        for sock, decoder, out in ((self.commands, self._command_decoder, commands),
+                                   (self.inbox, self._peer_decoder, peer_messages)):
+            while True:
+                try:
+                    frames = sock.recv_multipart(zmq.NOBLOCK)
+                except zmq.Again:
+                    break
+                msg = decoder.decode(frames[-1]) if len(frames) == 1 else None
+                if isinstance(msg, Registered):
+                    if not msg.ok:
+                        log.error("the router refused this worker: %s", msg.error)
+                        raise SystemExit(2)
+                elif msg is not None:
+                    out.append(msg)
+                elif len(frames) != 1:
+                    log.warning("dropped a %d-frame message on %s", len(frames), decoder.where)
+        return commands, peer_messages
+
+    def send_router(self, msg: msgspec.Struct):
+        try:
+            self.events.send(encode(msg), zmq.NOBLOCK)
+        except zmq.Again:
+            log.error("router unreachable; dropped a %s message", type(msg).__name__)
+
+    def send_peer(self, endpoint: str, msg: msgspec.Struct):
+        sock = self._peers.get(endpoint)
+        if sock is None:
+            sock = self._peers[endpoint] = self._socket(zmq.PUSH)
+            sock.connect(endpoint)
+        try:
+            sock.send(encode(msg), zmq.NOBLOCK)
+        except zmq.Again:
+            # the peer is gone or far behind; the request's lease turns this into a retry, never a hang
+            log.warning("peer %s not reachable; dropped a %s message", endpoint, type(msg).__name__)
+
+    def forget_peer(self, endpoint: str):
+        sock = self._peers.pop(endpoint, None)
+        if sock is not None:
+            sock.close()
+
+    def stop(self):
+        self.stopping = True
+
+    def close(self):
+        self.stopping = True
+        if self._thread is not None:
+            self._thread.join(timeout=2)
+        for s in self._peers.values():
+            s.close()
+        for s in (self.inbox, self.events, self.commands):
+            s.close()
+        self.ctx.term()
+        self.engine.close()

@@ -1,0 +1,177 @@
+"""Owns the model and its paged KV pool; turns a scheduled batch into one forward pass and samples."""
+import logging
+
+import torch
+import torch.distributed as dist
+
+from common.engine.compiled_step import CompiledDecode, prepack_linears, resolve_mode
+from common.engine.config import EngineConfig
+from common.engine.kv_cache import KVCache
+from common.layers.attention import AttentionMetadata, PrefillChunk
+from common.engine.sampler import sample
+from common.models.loader import load_weights
+from common.layers.packed_linear import can_pack
+from common.parallel.state import tp_size
+from common.models import model_class
+from common.engine.sequence import Sequence
+from common.parallel.ranks import TensorParallelRanks
+from common.parallel.wire import Forward, MoveBlocks, TensorParallelError, forward_command, forward_inputs
+
+log = logging.getLogger("nano_pd.runner")
+
+
+class ModelRunner:
+    def __init__(self, config: EngineConfig, lead: bool = True):
+        """lead: this process schedules and samples; with tensor parallelism it is rank 0 and starts the other
+        ranks, which build their runner with lead=False and only follow (common/parallel/ranks.py)."""
+        self.config = config
+        self.device = torch.device(config.device)
+        if lead and dist.is_initialized():
+            raise TensorParallelError("a tensor-parallel engine is still open in this process; close it first")
+        self.ranks = TensorParallelRanks(config) if lead and config.tensor_parallel_size > 1 else None
+        try:
+            self._build(config, lead)
+        except BaseException:
+            self.close()
+            raise
+
+    def _build(self, config: EngineConfig, lead: bool):
+        hf = config.hf_config
+        torch.manual_seed(config.seed)
+        default_dtype = torch.get_default_dtype()
+        torch.set_default_dtype(config.torch_dtype)
+        try:
+            with torch.device(self.device):
+                self.model = model_class(hf)(hf)
+        finally:
+            torch.set_default_dtype(default_dtype)
+        load_weights(self.model, config.model)
+        self.model.eval()
+        self.block_size = config.block_size
+        has_state = hasattr(self.model, "state_layers") and bool(self.model.state_layers())
+        self.decode_mode = resolve_mode(config.decode_mode, self.device)
+        if has_state and self.decode_mode != "eager":
+            # the compiled steps reach only the paged pool through an opaque op; the state is updated in place
+            log.info("decode_mode %s does not cover recurrent-state layers; decoding eagerly", self.decode_mode)
+            self.decode_mode = "eager"
+        if tp_size() > 1 and self.decode_mode != "eager":
+            # the collectives inside the layers would have to be traced (or captured) too; not verified yet
+            log.info("decode_mode %s is not used with tensor parallelism; decoding eagerly", self.decode_mode)
+            self.decode_mode = "eager"
+        # CUDA-graph padding rows write into one scratch block past those the block manager hands out
+        scratch = 1 if self.decode_mode == "cuda_graph" else 0
+        self.kv = KVCache(self.model, config, lead, scratch)
+        if self.decode_mode == "compile" and can_pack(config.torch_dtype, self.device):
+            log.info("compiled decode: %d linear weights prepacked for oneDNN", prepack_linears(self.model))
+        self.decode_step = None
+        if self.decode_mode != "eager":
+            self.decode_step = CompiledDecode(
+                self.model, self.decode_mode, max_batch=config.max_num_seqs,
+                max_blocks=-(-config.max_model_len // self.block_size), block_size=self.block_size,
+                scratch_slot=self.kv.num_blocks * self.block_size if scratch else None)
+
+    def prepare(self, scheduled: list[tuple[Sequence, int]]):
+        """Flattened token ids, positions and attention metadata; single-token queries first.
+
+        Python touches each sequence once (its token slice and block table); positions and KV slots of every token
+        come from tensor ops over one padded block-table matrix, never from a per-token loop."""
+        decodes = [(s, n) for s, n in scheduled if n == 1]
+        prefills = [(s, n) for s, n in scheduled if n > 1]
+        ordered = decodes + prefills
+        input_ids, starts, counts = [], [], []
+        for seq, n in ordered:
+            start = seq.num_computed_tokens
+            input_ids.extend(seq.token_ids[start:start + n])
+            starts.append(start)
+            counts.append(n)
+        bs = self.block_size
+        width = max(len(s.block_table) for s, _ in ordered)
+        tables = torch.tensor([s.block_table + [0] * (width - len(s.block_table)) for s, _ in ordered],
+                              dtype=torch.long)
+        counts_t = torch.tensor(counts)
+        row = torch.repeat_interleave(torch.arange(len(ordered)), counts_t)  # each token's sequence
+        first = torch.repeat_interleave(counts_t.cumsum(0) - counts_t, counts_t)  # its sequence's first row
+        positions = torch.tensor(starts)[row] + torch.arange(len(input_ids)) - first
+        slots = tables[row, positions // bs] * bs + positions % bs
+        dev = self.device
+        meta = AttentionMetadata(slot_mapping=slots.to(dev))
+        if decodes:
+            n = len(decodes)
+            decode_width = max(len(s.block_table) for s, _ in decodes)
+            context = positions[:n].to(dev) + 1
+            meta.num_decode = n
+            meta.decode_block_tables = tables[:n, :decode_width].to(dev)
+            meta.decode_mask = (torch.arange(decode_width * bs, device=dev)[None, :]
+                                < context[:, None]).view(n, 1, 1, -1)
+        offset = len(decodes)
+        for i, (seq, n) in enumerate(prefills, start=len(decodes)):
+            cached = seq.num_computed_tokens
+            table = tables[i, :-(-(cached + n) // bs)].to(dev) if cached else None
+            meta.prefills.append(PrefillChunk(offset, offset + n, cached + n, table))
+            offset += n
+        # a sequence samples once all its tokens are computed; its logits come from its last token, and from each
+        # draft position too when it verifies speculative tokens
+        sample_rows, sample_seqs, sample_positions, offset = [], [], [], 0
+        for seq, n in ordered:
+            offset += n
+            if seq.num_computed_tokens + n == seq.num_tokens:
+                rows = 1 + seq.num_draft
+                sample_rows.extend(range(offset - rows, offset))
+                sample_seqs.extend([seq] * rows)
+                sample_positions.extend(range(seq.num_tokens - rows + 1, seq.num_tokens + 1))
+        return (torch.tensor(input_ids, dtype=torch.long, device=dev), positions.to(dev), meta, sample_rows,
+                sample_seqs, sample_positions)
+
+    def _forward(self, input_ids, positions, meta: AttentionMetadata) -> torch.Tensor:
+        if self.decode_step is not None and self.decode_step.supports(meta):
+            return self.decode_step(input_ids, positions, meta)
+        return self.model(input_ids, positions, meta)
+
+    @torch.inference_mode()
+    def run(self, scheduled: list[tuple[Sequence, int]]):
+        """One forward pass; returns the sequences that sampled, their tokens and logprobs entries."""
+        input_ids, positions, meta, rows, seqs, sample_positions = self.prepare(scheduled)
+        if self.ranks is not None:
+            self.ranks.send(forward_command(input_ids, positions, meta, rows))
+        hidden = self._forward(input_ids, positions, meta)
+        if not seqs:
+            return [], [], []
+        logits = self.model.compute_logits(hidden[rows]).float()
+        constrained = [i for i, s in enumerate(seqs) if s.grammar is not None]
+        if constrained:
+            from common.grammar import allocate_bitmask, apply_bitmask
+
+            bitmask = allocate_bitmask(len(seqs), logits.shape[1])
+            for i in constrained:
+                seqs[i].grammar.fill_bitmask(bitmask, i)
+            apply_bitmask(logits, bitmask, constrained)
+        tokens, logprobs = sample(logits, seqs, sample_positions)
+        return seqs, tokens, logprobs
+
+    @torch.inference_mode()
+    def follow(self, cmd: Forward | MoveBlocks):
+        """A rank > 0: run what rank 0 runs (its logits are gathered to every rank; rank 0 alone samples)."""
+        if isinstance(cmd, MoveBlocks):
+            return self.kv.move_blocks(cmd.block_ids, cmd.to_exchange)
+        input_ids, positions, meta, rows = forward_inputs(cmd, self.device)
+        hidden = self._forward(input_ids, positions, meta)
+        if rows:
+            self.model.compute_logits(hidden[rows])
+
+    def export_blocks(self, block_ids: list[int]):
+        """Before a KV transport reads these blocks from kv.exchange_pool: bring every rank's heads into it."""
+        self._lead_move_blocks(block_ids, to_exchange=True)
+
+    def import_blocks(self, block_ids: list[int]):
+        """After a KV transport wrote these blocks into kv.exchange_pool: hand each rank its heads."""
+        self._lead_move_blocks(block_ids, to_exchange=False)
+
+    def _lead_move_blocks(self, block_ids: list[int], to_exchange: bool):
+        if self.ranks is not None and block_ids:  # one rank: the exchange pool is the KV pool itself
+            self.ranks.send(MoveBlocks(list(block_ids), to_exchange))
+            self.kv.move_blocks(block_ids, to_exchange)
+
+    def close(self):
+        if self.ranks is not None:
+            self.ranks.close()
+            self.ranks = None

@@ -1,0 +1,1 @@
+"""Harnesses shared by the tests: tiny models, the transformers reference, local clusters."""

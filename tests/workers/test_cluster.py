@@ -1,0 +1,403 @@
+"""End to end: a real router and real prefill/decode worker processes, driven by the official openai client.
+
+Greedy outputs are compared with the offline engine on the same tiny random-weight model, for 1P1D and 2P2D over
+both KV transports, with workers joining late, and with workers killed (kill -9) while requests are in flight.
+"""
+from __future__ import annotations
+
+import concurrent.futures as cf
+import json
+import random
+import socket
+import threading
+import time
+
+import pytest
+import zmq
+
+from tests.support.cluster_harness import LocalCluster
+from tests.support.tiny_models import TinyConfig
+
+TINY = TinyConfig(arch="llama", num_heads=4, num_kv_heads=2, head_dim=32, hidden_size=128, num_layers=2,
+                  vocab_size=512)
+WORDS = "alpha beta gamma delta river stone cloud paper seven green quiet window north table light music".split()
+
+
+@pytest.fixture(scope="module")
+def model_dir(tiny_model_factory):
+    return str(tiny_model_factory(TINY))
+
+
+@pytest.fixture(scope="module")
+def offline(model_dir):
+    """reference(prompts, max_tokens, ignore_eos) -> texts of the offline engine (colocated, greedy)."""
+    from common import SamplingParams
+    from common.engine import LLM
+
+    llm = LLM(model_dir, num_kv_blocks=2048)
+    cache = {}
+
+    def reference(prompts: list[str], max_tokens: int, ignore_eos: bool = False) -> list[str]:
+        key = (tuple(prompts), max_tokens, ignore_eos)
+        if key not in cache:
+            params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=ignore_eos)
+            outs = llm.chat([[{"role": "user", "content": p}] for p in prompts], params)
+            cache[key] = [o["text"] for o in outs]
+        return cache[key]
+
+    return reference
+
+
+def prompts(n: int, seed: int = 0, words: int = 12) -> list[str]:
+    rng = random.Random(seed)
+    return [" ".join(rng.choice(WORDS) for _ in range(rng.randint(3, words))) + f" #{i}" for i in range(n)]
+
+
+def stream_chat(client, prompt: str, max_tokens: int, ignore_eos: bool = False, on_chunk=None) -> dict:
+    stream = client.chat.completions.create(
+        model="tiny", messages=[{"role": "user", "content": prompt}], max_tokens=max_tokens, temperature=0,
+        stream=True, stream_options={"include_usage": True}, extra_body={"ignore_eos": ignore_eos})
+    parts, finish, usage = [], None, None
+    for chunk in stream:
+        if chunk.usage is not None:
+            usage = chunk.usage
+        if chunk.choices:
+            if chunk.choices[0].delta.content:
+                parts.append(chunk.choices[0].delta.content)
+                if on_chunk:
+                    on_chunk(len(parts))
+            finish = chunk.choices[0].finish_reason or finish
+    return {"text": "".join(parts), "finish_reason": finish, "usage": usage}
+
+
+def run_concurrently(fn, items, workers: int = 32) -> list:
+    with cf.ThreadPoolExecutor(workers) as pool:
+        return list(pool.map(fn, items))
+
+
+def metric_value(text: str, series: str) -> float:
+    """The value of one sample line of a Prometheus exposition (series = name plus its {labels}, if any)."""
+    for line in text.splitlines():
+        if line.startswith(series + " "):
+            return float(line.split()[-1])
+    raise KeyError(series)
+
+
+def wait_no_leaks(cluster: LocalCluster, timeout: float = 15):
+    """Every live worker idle with all its blocks free (heartbeats lag by up to half a second)."""
+    def idle():
+        workers = [w for w in cluster.workers() if w["alive"]]
+        return workers and all(w["load"]["num_running"] == 0 and w["load"]["num_waiting"] == 0
+                               and w["load"]["free_blocks"] == w["load"]["total_blocks"] and w["inflight"] == 0
+                               for w in workers)
+    cluster.wait_for(idle, "every worker idle with no blocks held", timeout)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("transport", ["zmq", "nixl"])
+@pytest.mark.parametrize("shape", [(1, 1), (2, 2)], ids=["1P1D", "2P2D"])
+def test_concurrent_streams_match_offline(model_dir, offline, transport, shape):
+    ps = prompts(32, seed=shape[0])
+    expected = offline(ps, 24)
+    with LocalCluster(model_dir, *shape, transport=transport) as c:
+        client = c.openai()
+        results = run_concurrently(lambda p: stream_chat(client, p, 24), ps)
+        assert [r["text"] for r in results] == expected
+        assert all(r["finish_reason"] in ("stop", "length") for r in results)
+        assert all(r["usage"].completion_tokens >= 1 for r in results)
+        for w in c.alive("prefill") + c.alive("decode"):
+            assert w["assigned"] > 0, f"{w['worker_id']} got no traffic"
+            assert w["kv_transport"] == transport
+        wait_no_leaks(c)
+
+
+@pytest.mark.slow
+def test_workers_started_later_take_traffic(model_dir, offline):
+    ps = prompts(16, seed=7)
+    with LocalCluster(model_dir, 1, 1, transport="zmq") as c:
+        client = c.openai()
+        assert [stream_chat(client, p, 8)["text"] for p in ps[:2]] == offline(ps[:2], 8)
+        late_prefill, late_decode = c.add("prefill").pid, c.add("decode").pid
+        results = run_concurrently(lambda p: stream_chat(client, p, 16), ps, workers=16)
+        assert [r["text"] for r in results] == offline(ps, 16)
+        by_pid = {w["pid"]: w for w in c.workers()}
+        assert by_pid[late_prefill]["assigned"] > 0 and by_pid[late_decode]["assigned"] > 0
+
+
+def _kill_mid_stream(c: LocalCluster, role: str, ps: list[str], max_tokens: int, offline):
+    """16 streams; once every one has text flowing (decode) or right away (prefill), kill -9 the worker of that
+    role with the most requests."""
+    client = c.openai()
+    progress = [0] * len(ps)
+
+    def one(i):
+        return stream_chat(client, ps[i], max_tokens, ignore_eos=True,
+                           on_chunk=lambda n: progress.__setitem__(i, n))
+
+    with cf.ThreadPoolExecutor(len(ps)) as pool:
+        futures = [pool.submit(one, i) for i in range(len(ps))]
+        if role == "decode":
+            c.wait_for(lambda: min(progress) >= 3, "every stream to be flowing", 60)
+        else:
+            time.sleep(0.3)  # the prompts are on their way to (or queued at) the prefill workers
+        busiest = max(c.alive(role), key=lambda w: w["inflight"])
+        victim_pid = c.kill(role, [p.pid for p in c.procs[role]].index(busiest["pid"]))
+        killed_at = time.monotonic()
+        c.wait_for(lambda: not any(w["pid"] == victim_pid and w["alive"] for w in c.workers()),
+                   "the killed worker to be declared dead", 10)
+        detection = time.monotonic() - killed_at
+        results = [f.result(timeout=300) for f in futures]
+    assert detection < 3.0, f"death detected after {detection:.2f} s"
+    expected = offline(ps, max_tokens, ignore_eos=True)
+    for got, want in zip(results, expected):
+        assert got["finish_reason"] == "length"
+        assert got["text"] == want
+    wait_no_leaks(c)
+    return results
+
+
+@pytest.mark.slow
+def test_decode_worker_killed_mid_stream(model_dir, offline):
+    ps = prompts(16, seed=11)
+    with LocalCluster(model_dir, 1, 2, transport="nixl") as c:
+        assert metric_value(c.get("/metrics")[1].decode(), "nano_pd:request_migrations_total") == 0
+        _kill_mid_stream(c, "decode", ps, 400, offline)
+        metrics = c.get("/metrics")[1].decode()
+        assert metric_value(metrics, "nano_pd:request_migrations_total") >= 1
+        assert metric_value(metrics, 'nano_pd:worker_deaths_total{role="decode"}') == 1
+
+
+@pytest.mark.slow
+def test_prefill_worker_killed_with_queued_requests(model_dir, offline):
+    ps = prompts(16, seed=13, words=200)
+    with LocalCluster(model_dir, 2, 1, transport="zmq") as c:
+        _kill_mid_stream(c, "prefill", ps, 32, offline)
+
+
+@pytest.fixture(scope="module")
+def cluster(model_dir):
+    with LocalCluster(model_dir, 1, 1, transport="zmq", worker_args=("--num-kv-blocks", "512", "--max-model-len",
+                                                                     "256")) as c:
+        yield c
+
+
+def post(c: LocalCluster, body, raw: bool = False):
+    status, _, got = c.post("/v1/chat/completions", body, raw=raw)
+    return status, got
+
+
+GOOD = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
+
+
+@pytest.mark.parametrize("body, status, param", [
+    (b"{not json", 400, None),
+    (b"[1, 2]", 400, None),
+    ({"model": "tiny"}, 400, None),
+    ({**GOOD, "messages": []}, 400, "messages"),
+    ({**GOOD, "messages": "hello"}, 400, "messages"),
+    ({**GOOD, "messages": [{"content": "no role"}]}, 400, None),
+    ({**GOOD, "messages": [{"role": "wizard", "content": "x"}]}, 400, "messages[0].role"),
+    ({**GOOD, "model": "gpt-9"}, 404, "model"),
+    ({**GOOD, "max_tokens": -1}, 400, "max_tokens"),
+    ({**GOOD, "max_tokens": 0}, 400, "max_tokens"),
+    ({**GOOD, "max_tokens": 10**12}, 400, "max_tokens"),
+    ({**GOOD, "max_completion_tokens": 300}, 400, "max_tokens"),
+    ({**GOOD, "messages": [{"role": "user", "content": "word " * 400}]}, 400, "messages"),
+    ({**GOOD, "temperature": "hot"}, 400, "temperature"),
+    ({**GOOD, "temperature": 5}, 400, "temperature"),
+    ({**GOOD, "top_p": 0}, 400, None),
+    ({**GOOD, "stream": "yes"}, 400, "stream"),
+    ({**GOOD, "stop": ["a", "b", "c", "d", "e"]}, 400, "stop"),
+    ({**GOOD, "seed": 1.5}, 400, "seed"),
+    ({**GOOD, "n": "three"}, 400, "n"),
+])
+def test_bad_requests_get_openai_errors(cluster, body, status, param):
+    got_status, got = post(cluster, body, raw=isinstance(body, bytes))
+    assert got_status == status, got
+    assert set(got) == {"error"} and got["error"]["message"] and got["error"]["type"]
+    if param is not None:
+        assert got["error"]["param"] == param
+
+
+def test_good_request_after_bad_ones_and_usage(cluster, offline):
+    status, got = post(cluster, {**GOOD, "max_tokens": 12, "temperature": 0, "unknown_field": {"ignored": True}})
+    assert status == 200, got
+    assert got["choices"][0]["message"]["content"] == offline(["hi"], 12)[0]
+    assert got["usage"]["prompt_tokens"] > 0 and got["usage"]["completion_tokens"] >= 1
+    assert cluster.get("/nope")[0] == 404 and "error" in json.loads(cluster.get("/nope")[1])
+    models = json.loads(cluster.get("/v1/models")[1])
+    assert [m["id"] for m in models["data"]] == ["tiny"] and models["data"][0]["max_model_len"] == 256
+
+
+def test_prefix_cache_hits_reported(cluster):
+    client = cluster.openai()
+    shared = "paper stone river " * 20
+    first = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": shared + "one"}],
+                                           max_tokens=2, temperature=0)
+    second = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": shared + "two"}],
+                                            max_tokens=2, temperature=0)
+    assert first.usage.prompt_tokens_details.cached_tokens == 0
+    assert second.usage.prompt_tokens_details.cached_tokens >= 32
+    time.sleep(1.0)  # heartbeats carry the workers' counters
+    metrics = cluster.get("/metrics")[1].decode()
+    for name in ("vllm:time_to_first_token_seconds_count", "vllm:inter_token_latency_seconds_count",
+                 "vllm:e2e_request_latency_seconds_count", "nano_pd:kv_transfer_bytes_total",
+                 'vllm:prefix_cache_hits_total{model_name="tiny",role="prefill"}', "vllm:num_requests_running"):
+        assert name in metrics, name
+    assert metric_value(metrics, 'vllm:prefix_cache_hits_total{model_name="tiny",role="prefill"}') >= 32
+
+
+def test_stop_strings_and_client_disconnect(cluster, offline):
+    client = cluster.openai()
+    full = offline(["stone"], 40, ignore_eos=True)[0]
+    stop = full[10:13]
+    got = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "stone"}],
+                                         max_tokens=40, temperature=0, stop=[stop], extra_body={"ignore_eos": True})
+    assert got.choices[0].message.content == full[:full.index(stop)]
+    assert got.choices[0].finish_reason == "stop"
+    # a client that walks away mid-stream frees its blocks
+    stream = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "cloud"}],
+                                            max_tokens=200, temperature=0, stream=True,
+                                            extra_body={"ignore_eos": True})
+    next(iter(stream))
+    stream.close()
+    wait_no_leaks(cluster)
+
+
+def _listening_ports(pid: int) -> list[int]:
+    """TCP ports a process listens on, from /proc (no psutil needed)."""
+    import os
+
+    inodes = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            inodes.add(target[8:-1])
+    ports = []
+    for table in ("tcp", "tcp6"):
+        with open(f"/proc/{pid}/net/{table}") as f:
+            for line in f.readlines()[1:]:
+                fields = line.split()
+                if fields[3] == "0A" and fields[9] in inodes:  # 0A = LISTEN
+                    ports.append(int(fields[1].split(":")[1], 16))
+    return ports
+
+
+def test_garbage_on_every_zmq_port_crashes_nothing(cluster, offline):
+    rng = random.Random(0)
+    ports = {p for procs in cluster.procs.values() for proc in procs for p in _listening_ports(proc.pid)}
+    assert len(ports) >= 4  # HTTP + control on the router, an inbox and a KV endpoint per worker
+    ctx = zmq.Context()
+    try:
+        for port in ports:
+            for kind in (zmq.DEALER, zmq.PUSH, zmq.REQ):
+                s = ctx.socket(kind)
+                s.setsockopt(zmq.LINGER, 0)
+                s.connect(f"tcp://127.0.0.1:{port}")
+                for n in (0, 1, 7, 300, 70000):
+                    try:
+                        if kind == zmq.REQ:
+                            s.send(rng.randbytes(n), zmq.NOBLOCK)
+                            break
+                        s.send_multipart([rng.randbytes(n) for _ in range(rng.randint(1, 3))], zmq.NOBLOCK)
+                    except zmq.Again:
+                        pass
+                time.sleep(0.05)
+                s.close()
+            with socket.create_connection(("127.0.0.1", port), timeout=2) as raw:  # not even ZMTP
+                raw.sendall(rng.randbytes(5000))
+    finally:
+        ctx.term()
+    time.sleep(1.5)
+    assert all(p.poll() is None for procs in cluster.procs.values() for p in procs)
+    assert cluster.get("/health")[0] == 200
+    status, got = post(cluster, {**GOOD, "max_tokens": 12, "temperature": 0})
+    assert status == 200 and got["choices"][0]["message"]["content"] == offline(["hi"], 12)[0]
+
+
+def test_no_live_worker_is_a_clear_503(model_dir):
+    with LocalCluster(model_dir, 0, 0) as c:
+        assert c.get("/health")[0] == 503
+        status, got = post(c, GOOD)
+        assert status == 503 and "no live prefill or decode worker" in got["error"]["message"]
+        c.add("prefill")
+        status, got = post(c, GOOD)
+        assert status == 503 and "no live decode worker" in got["error"]["message"]
+        c.add("decode")
+        assert post(c, GOOD)[0] == 200
+        c.kill("decode", 0)
+        c.wait_for(lambda: not c.alive("decode"), "the decode worker to be declared dead", 5)
+        status, got = post(c, GOOD)
+        assert status == 503 and "no live decode worker" in got["error"]["message"]
+
+
+@pytest.mark.slow
+def test_launch_starts_supervises_and_stops_a_cluster(model_dir, offline):
+    """deploy/launch.py with real processes: ready line, a request, a crashed worker restarted, clean SIGTERM."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from tests.support.cluster_harness import ROOT, free_port
+
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "deploy.launch", "--model", model_dir, "--port", str(port),
+                             "--control-port", str(free_port()), "--kv-transport", "zmq", "--threads-per-worker", "1",
+                             "--decode-args=--num-kv-blocks 512", "--prefill-args=--num-kv-blocks 512"],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=dict(os.environ, PYTHONPATH=ROOT), start_new_session=True)
+    lines = []
+    try:
+        for line in proc.stdout:
+            lines.append(line)
+            if line.startswith("nano-pd ready:"):
+                break
+        assert lines and lines[-1].startswith(f"nano-pd ready: http://127.0.0.1:{port}/v1"), "".join(lines)
+        threading.Thread(target=lines.extend, args=(proc.stdout,), daemon=True).start()  # never let the pipe fill
+        c = LocalCluster.__new__(LocalCluster)  # only its HTTP helpers: launch owns the processes
+        c.base_url, c.procs, c.log_dir = f"http://127.0.0.1:{port}", {}, "(launch output)"
+        name = os.path.basename(model_dir)
+        status, got = post(c, {**GOOD, "model": name, "max_tokens": 12, "temperature": 0})
+        assert status == 200 and got["choices"][0]["message"]["content"] == offline(["hi"], 12)[0]
+        decode_pid = c.alive("decode")[0]["pid"]
+        os.kill(decode_pid, signal.SIGKILL)
+        c.wait_for(lambda: any(w["pid"] != decode_pid for w in c.alive("decode")), "a restarted decode worker", 60)
+        assert post(c, {**GOOD, "model": name})[0] == 200
+        children = [w["pid"] for w in c.workers() if w["alive"]]
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+        for pid in children:
+            assert not os.path.exists(f"/proc/{pid}") or open(f"/proc/{pid}/stat").read().split()[2] == "Z"
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def test_mismatched_worker_is_refused_with_a_clear_error(cluster):
+    proc = cluster.add("decode", wait=False, extra=("--block-size", "32"))
+    assert proc.wait(120) == 2
+    log = open(f"{cluster.log_dir}/decode-{len(cluster.procs['decode']) - 1}.log").read()
+    assert "refused this worker" in log and "differs from the cluster's" in log
+    cluster.procs["decode"].pop()  # it is gone; the other tests' cluster is untouched
+    assert cluster.get("/health")[0] == 200
+
+
+@pytest.mark.slow
+def test_prefix_aware_prefill_routing(model_dir):
+    shared = "music table light north window quiet " * 12
+    with LocalCluster(model_dir, 2, 1, transport="zmq") as c:
+        client = c.openai()
+        cached = []
+        for i in range(6):
+            r = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": f"{shared} {i}"}],
+                                               max_tokens=2, temperature=0)
+            cached.append(r.usage.prompt_tokens_details.cached_tokens)
+        # the first request fills one prefill worker's cache; every later one is routed there and hits it
+        assert cached[0] == 0 and all(n >= 64 for n in cached[1:]), cached
+        assigned = sorted(w["assigned"] for w in c.alive("prefill"))
+        assert assigned == [0, 6]
