@@ -19,7 +19,10 @@ _NEXT_KEY = itertools.count()
 
 
 def can_pack(dtype: torch.dtype, device: torch.device) -> bool:
-    return device.type == "cpu" and torch.backends.mkldnn.is_available() and dtype in (torch.float32, torch.bfloat16)
+    """oneDNN reorders bf16 weights only on CPUs with bf16 instructions (AVX-512 BW/VL/DQ or AVX-NE-CONVERT)."""
+    if device.type != "cpu" or not torch.backends.mkldnn.is_available():
+        return False
+    return dtype == torch.float32 or (dtype == torch.bfloat16 and torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
 def pack(module: nn.Module, free_plain: bool) -> None:
