@@ -22,7 +22,10 @@ from common.errors import InvalidRequestError
 from common.cluster.protocol import (DECODE, Abort, Admit, PeerGone, PrefillDone, PrefillTask, Rejected,
                              TokenOutput, Tokens, WorkerLoad)
 from common.engine.sequence import Sequence
+from common.cluster.flags import engine_kwargs, setup_logging
 from common.cluster.runtime import WorkerRuntime
+from common.engine.config import EngineConfig
+from common.engine.llm_engine import LLMEngine
 from kv_transfer import make_transport
 
 log = logging.getLogger("nano_pd.decode")
@@ -42,8 +45,9 @@ class Admission:
 
 class DecodeWorker:
     def __init__(self, args):
-        self.rt = WorkerRuntime(DECODE, args, commands=Admit | Abort | PeerGone, inbox=PrefillDone)
-        self.engine = self.rt.engine
+        setup_logging(DECODE, args)
+        self.engine = LLMEngine(EngineConfig(**engine_kwargs(args)))
+        self.rt = WorkerRuntime(DECODE, args, self.engine, commands=Admit | Abort | PeerGone, inbox=PrefillDone)
         self.transport = make_transport(args.kv_transport, **self.rt.transport_options())
         self.kv_metadata = self.transport.metadata()
         self.lease_s = args.kv_lease
@@ -62,31 +66,29 @@ class DecodeWorker:
 
     def run(self):
         self.rt.start(self.transport.backend, self.transport.layout.compat_hash(), self.load)
-        try:
-            while not self.rt.stopping:
-                busy = self.engine.has_unfinished()
-                # while KV is on its way, NIXL needs our polls to make progress: poll often
-                commands, messages = self.rt.poll(0 if busy else 1 if self.reserved else 20)
-                for cmd in commands:
-                    self._on_command(cmd)
-                for msg in messages:
-                    self._on_prefill_done(msg)
-                for result in self.transport.poll_received():
-                    if result.ok:
-                        self._on_landed(result.transfer_id)
-                    else:
-                        self._lease_expired(result.transfer_id, result.error)
-                self._admit()
-                if self.engine.has_unfinished():
-                    for seq in self.engine.step():
-                        self._emit(seq, seq.token_ids[-seq.num_new_tokens:])
-                self._flush()
-        finally:
-            self.transport.close()
-            self.rt.close()
+        self.rt.serve(self)
+
+    # --- the loop's hooks (WorkerRuntime.serve) ---------------------------------------------------------------
+    def transfers_in_flight(self) -> bool:
+        return bool(self.reserved)
+
+    def step(self):
+        for result in self.transport.poll_received():
+            if result.ok:
+                self._on_landed(result.transfer_id)
+            else:
+                self._lease_expired(result.transfer_id, result.error)
+        self._admit()
+        if self.engine.has_unfinished():
+            for seq in self.engine.step():
+                self._emit(seq, seq.token_ids[-seq.num_new_tokens:])
+        self._flush()
+
+    def close(self):
+        self.transport.close()
 
     # --- router commands ----------------------------------------------------------------------------------
-    def _on_command(self, cmd):
+    def on_command(self, cmd):
         if isinstance(cmd, Admit):
             self._on_admit(cmd)
         elif isinstance(cmd, Abort):
@@ -143,7 +145,7 @@ class DecodeWorker:
                 dst_block_ids=adm.dst_block_ids, decode_worker=self.rt.worker_id,
                 decode_inbox=self.rt.inbox_endpoint, kv_metadata=self.kv_metadata, lease_s=self.lease_s))
 
-    def _on_prefill_done(self, msg: PrefillDone):
+    def on_message(self, msg: PrefillDone):
         adm = self.reserved.get(msg.request_id)
         if adm is None:
             return log.info("late answer for %s ignored (lease over or aborted)", msg.request_id)

@@ -1,7 +1,7 @@
 """python -m prefill_worker --router HOST:PORT [--model M] ...: start a prefill worker that joins the cluster."""
 import argparse
 
-from common.cluster.runtime import add_worker_args
+from common.cluster.flags import add_worker_args
 
 
 def main(argv=None):

@@ -19,7 +19,10 @@ import time
 from common.errors import InvalidRequestError
 from common.cluster.protocol import PREFILL, Abort, KVTransferred, PeerGone, PrefillDone, PrefillTask, WorkerLoad
 from common.engine.sequence import Sequence, SequenceStatus
+from common.cluster.flags import engine_kwargs, setup_logging
 from common.cluster.runtime import WorkerRuntime
+from common.engine.config import EngineConfig
+from common.engine.llm_engine import LLMEngine
 from kv_transfer import KVLayoutMismatch, make_transport
 
 LEASE_MARGIN_S = 2.0
@@ -38,8 +41,9 @@ class Task:
 
 class PrefillWorker:
     def __init__(self, args):
-        self.rt = WorkerRuntime(PREFILL, args, commands=Abort | PeerGone, inbox=PrefillTask, hold_finished=True)
-        self.engine = self.rt.engine
+        setup_logging(PREFILL, args)
+        self.engine = LLMEngine(EngineConfig(**engine_kwargs(args)), hold_finished=True)
+        self.rt = WorkerRuntime(PREFILL, args, self.engine, commands=Abort | PeerGone, inbox=PrefillTask)
         self.transport = make_transport(args.kv_transport, **self.rt.transport_options())
         self.tasks: dict[str, Task] = {}  # queued or prefilling
         self.sending: dict[str, Task] = {}  # KV transfer in flight
@@ -54,27 +58,26 @@ class PrefillWorker:
 
     def run(self):
         self.rt.start(self.transport.backend, self.transport.layout.compat_hash(), self.load)
-        try:
-            while not self.rt.stopping:
-                busy = self.engine.has_unfinished()
-                commands, messages = self.rt.poll(0 if busy else 1 if self.sending else 20)
-                for cmd in commands:
-                    self._on_command(cmd)
-                for msg in messages:
-                    self._on_task(msg)
-                if self.engine.has_unfinished():
-                    for seq in self.engine.step():
-                        if seq.is_finished:
-                            self._push(self.tasks.pop(seq.request_id))
-                for result in self.transport.poll_sent():
-                    self._sent(result)
-                self._expire_queued()
-        finally:
-            self.transport.close()
-            self.rt.close()
+        self.rt.serve(self)
+
+    # --- the loop's hooks (WorkerRuntime.serve) ---------------------------------------------------------------
+    def transfers_in_flight(self) -> bool:
+        return bool(self.sending)
+
+    def step(self):
+        if self.engine.has_unfinished():
+            for seq in self.engine.step():
+                if seq.is_finished:
+                    self._push(self.tasks.pop(seq.request_id))
+        for result in self.transport.poll_sent():
+            self._sent(result)
+        self._expire_queued()
+
+    def close(self):
+        self.transport.close()
 
     # --- inputs -------------------------------------------------------------------------------------------
-    def _on_command(self, cmd):
+    def on_command(self, cmd):
         if isinstance(cmd, Abort):
             for rid in cmd.request_ids:
                 self._abort(rid, notify=True)
@@ -84,7 +87,7 @@ class PrefillWorker:
             if self.peer_metadata.pop(cmd.worker_id, None) is not None:
                 self.transport.remove_peer(cmd.worker_id)  # its transfers in flight fail at the next poll
 
-    def _on_task(self, msg: PrefillTask):
+    def on_message(self, msg: PrefillTask):
         def refuse(error: str):
             self.rt.send_peer(msg.decode_inbox, PrefillDone(msg.request_id, error=error))
 

@@ -1,5 +1,5 @@
-"""What the prefill and decode workers share: their command line, the engine, the sockets to the router and to
-peers, and the heartbeat thread.
+"""What the prefill and decode workers share: the sockets to the router and to peers, the heartbeat thread, and
+the poll/step loop.
 
 Heartbeats come from a thread of their own, so a long forward pass never makes a live worker look dead (torch
 releases the GIL while it computes). That thread owns the worker's identity socket to the router and relays the
@@ -8,14 +8,13 @@ is ever touched by two threads.
 """
 from __future__ import annotations
 
-import argparse
-import json
 import logging
 import os
 import signal
 import socket
 import threading
 import time
+from typing import Protocol
 
 import msgspec
 import zmq
@@ -27,56 +26,23 @@ HEARTBEAT_INTERVAL_S = 0.5
 log = logging.getLogger("nano_pd.worker")
 
 
-def add_worker_args(ap: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    ap.add_argument("--router", required=True, help="HOST:PORT of the router's control endpoint")
-    ap.add_argument("--model", default=None, help="HF folder, .gguf file or the default model's name")
-    ap.add_argument("--served-model-name", default=None, help="the model name clients use (default: from --model)")
-    ap.add_argument("--name", default=None, help="worker name prefix (the pid is appended)")
-    ap.add_argument("--host", default="127.0.0.1", help="address to bind the worker's sockets on")
-    ap.add_argument("--advertise-host", default=None, help="address peers use to reach this worker (default --host)")
-    ap.add_argument("--kv-transport", default="auto", choices=["auto", "nixl", "zmq"])
-    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    ap.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
-    ap.add_argument("--block-size", type=int, default=16)
-    ap.add_argument("--num-kv-blocks", type=int, default=None)
-    ap.add_argument("--kv-cache-memory-gb", type=float, default=1.0)
-    ap.add_argument("--max-num-seqs", type=int, default=256)
-    ap.add_argument("--max-num-batched-tokens", type=int, default=2048)
-    ap.add_argument("--max-model-len", type=int, default=None)
-    ap.add_argument("--no-prefix-caching", action="store_true")
-    ap.add_argument("--speculative-config", type=json.loads, default=None,
-                    help='JSON, e.g. \'{"method": "ngram", "num_speculative_tokens": 3}\' (decode workers)')
-    ap.add_argument("--decode-mode", default="auto", choices=["auto", "eager", "compile"],
-                    help="decode-only steps: torch.compile'd or eager (auto: eager on CPU)")
-    ap.add_argument("--tensor-parallel-size", type=int, default=1,
-                    help="processes sharing the model's weights and KV heads (torch.distributed: gloo / NCCL)")
-    ap.add_argument("--enable-expert-parallel", action="store_true",
-                    help="MoE: shard whole experts across the tensor-parallel ranks instead of slicing each")
-    ap.add_argument("--log-level", default="info")
-    return ap
+class Role(Protocol):
+    """What a worker role plugs into WorkerRuntime.serve."""
+
+    def on_command(self, cmd) -> None: ...
+    def on_message(self, msg) -> None: ...
+    def transfers_in_flight(self) -> bool: ...
+    def step(self) -> None: ...
+    def close(self) -> None: ...
 
 
 class WorkerRuntime:
-    def __init__(self, role: str, args, commands, inbox, hold_finished: bool = False):
-        """commands / inbox: the message types (a union) this role accepts from the router / from peers; anything
+    def __init__(self, role: str, args, engine, commands, inbox):
+        """engine: the LLMEngine this worker runs (built by the role, so this module needs no torch).
+        commands / inbox: the message types (a union) this role accepts from the router / from peers; anything
         else on those sockets is dropped by the strict decoders, so a role never sees another role's messages."""
-        from common.engine.config import EngineConfig
-        from common.engine.llm_engine import LLMEngine
-
-        logging.basicConfig(level=args.log_level.upper(), format=f"%(asctime)s {role} %(levelname)s %(message)s")
-        if args.threads:
-            import torch
-            torch.set_num_threads(args.threads)
-        self.role, self.args = role, args
+        self.role, self.args, self.engine = role, args, engine
         self.model_name = args.served_model_name or served_model_name(args.model)
-        self.engine = LLMEngine(EngineConfig(
-            model=args.model, dtype=args.dtype, block_size=args.block_size, num_kv_blocks=args.num_kv_blocks,
-            kv_cache_memory_gb=args.kv_cache_memory_gb, max_num_seqs=args.max_num_seqs,
-            max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
-            enable_prefix_caching=not args.no_prefix_caching, speculative_config=args.speculative_config,
-            decode_mode=args.decode_mode, tensor_parallel_size=args.tensor_parallel_size,
-            enable_expert_parallel=args.enable_expert_parallel),
-            hold_finished=hold_finished)
         self.worker_id = f"{args.name or role}-{socket.gethostname()}-{os.getpid()}"
         self.advertise_host = args.advertise_host or args.host
         self.router_endpoint = "tcp://" + args.router
@@ -160,6 +126,23 @@ class WorkerRuntime:
         finally:
             control.close()
             relay.close()
+
+    def serve(self, role: "Role"):
+        """The one worker loop: router commands and peer messages in, then the role's step, until stop(); the
+        loop waits for input only while the engine has nothing to run, and briefly while KV is on its way (NIXL
+        progresses only when polled)."""
+        try:
+            while not self.stopping:
+                idle_ms = 0 if self.engine.has_unfinished() else 1 if role.transfers_in_flight() else 20
+                commands, messages = self.poll(idle_ms)
+                for cmd in commands:
+                    role.on_command(cmd)
+                for msg in messages:
+                    role.on_message(msg)
+                role.step()
+        finally:
+            role.close()
+            self.close()
 
     def poll(self, timeout_ms: int) -> tuple[list, list]:
         """Router commands and peer messages that arrived (waiting up to timeout_ms for the first), decoded. The

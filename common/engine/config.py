@@ -30,6 +30,7 @@ class EngineConfig:
     decode_mode: str = "auto"
     tensor_parallel_size: int = 1  # processes sharing the model (this one is rank 0)
     enable_expert_parallel: bool = False  # MoE: each rank holds whole experts instead of a slice of every expert
+    threads: int = 0  # torch intra-op threads of this process (0: torch's default)
     hf_config: object = field(default=None, repr=False)
 
     def __post_init__(self):

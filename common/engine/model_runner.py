@@ -26,6 +26,8 @@ class ModelRunner:
         ranks, which build their runner with lead=False and only follow (common/parallel/ranks.py)."""
         self.config = config
         self.device = torch.device(config.device)
+        if lead and config.threads:
+            torch.set_num_threads(config.threads)
         if lead and dist.is_initialized():
             raise TensorParallelError("a tensor-parallel engine is still open in this process; close it first")
         self.ranks = TensorParallelRanks(config) if lead and config.tensor_parallel_size > 1 else None
