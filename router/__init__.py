@@ -1,1 +1,1 @@
-"""The router: OpenAI HTTP API in front, worker registry, routing and request migration behind."""
+"""The router: the OpenAI HTTP front, the worker registry, routing, and each request's life across workers."""

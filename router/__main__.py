@@ -40,9 +40,9 @@ def main(argv=None):
     from transformers import AutoTokenizer
 
     from common.names import resolve_model, served_model_name
-    from router.app import create_app
     from router.cluster import Cluster
-    from router.router_metrics import RouterMetrics
+    from router.metrics import RouterMetrics
+    from router.server import create_app
 
     folder = args.model
     if folder is None or not os.path.isdir(folder):

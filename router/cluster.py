@@ -1,8 +1,9 @@
-"""The router's view of the cluster: the worker registry, health, routing, and each request's life across workers.
+"""Each request's life across workers: the control socket, dispatch, migration, rejection, outputs, abort, n > 1.
 
 A request is sent as an *attempt* (id "<request id>#<n>") to one decode worker, naming the prefill worker that
 will fill its KV. Messages about an older attempt are ignored, so when a worker dies the router can simply start
-a new attempt elsewhere with the prompt plus the tokens already streamed: the client's stream continues.
+a new attempt elsewhere with the prompt plus the tokens already streamed: the client's stream continues. Who the
+workers are and whether they live is router.registry's; which of them an attempt goes to, router.routing's.
 """
 from __future__ import annotations
 
@@ -10,41 +11,24 @@ import asyncio
 import dataclasses
 import logging
 import time
-from collections import OrderedDict
 
 import msgspec
 import zmq
 import zmq.asyncio
 
-from common.block_hash import block_hashes
-from common.cluster.protocol import (DECODE, PREFILL, Abort, Admit, Decoder, Heartbeat, KVTransferred, PeerGone, Registered,
-                             Rejected,
-                             RouterInbound, TokenOutput, Tokens, WorkerInfo, WorkerLoad, encode)
+from common.cluster.protocol import (DECODE, PREFILL, Abort, Admit, Decoder, Heartbeat, KVTransferred, PeerGone,
+                                     Rejected, RouterInbound, TokenOutput, Tokens, encode)
 from common.sampling_params import SamplingParams
+from router import routing
+from router.registry import Worker, WorkerRegistry
 
 log = logging.getLogger("nano_pd.router")
 
 MAX_ATTEMPTS = 5  # a request that lost this many workers fails instead of chasing the cluster forever
-PREFIX_BALANCE_SLACK = 4  # a prefill worker with a longer cached prefix wins while it has at most this many more
 
 
 class ClusterError(Exception):
     """The cluster cannot serve the request (no live worker of a role, all full, too many failures): a 503."""
-
-
-@dataclasses.dataclass
-class Worker:
-    info: WorkerInfo
-    load: WorkerLoad
-    last_seen: float
-    alive: bool = True
-    inflight: set[str] = dataclasses.field(default_factory=set)  # request ids at this worker's stage
-    assigned: int = 0  # requests ever routed here
-    cached_prefix: OrderedDict[int, None] = dataclasses.field(default_factory=OrderedDict)  # prefill: LRU shadow
-
-    @property
-    def worker_id(self) -> str:
-        return self.info.worker_id
 
 
 @dataclasses.dataclass
@@ -79,20 +63,17 @@ class RequestState:
 class Cluster:
     def __init__(self, model_name: str, control_host: str, control_port: int, heartbeat_timeout_s: float = 2.0,
                  migrate_wait_s: float = 10.0, admit_timeout_s: float = 60.0, metrics=None):
-        self.model_name = model_name
+        self.registry = WorkerRegistry(model_name, heartbeat_timeout_s)
         self.endpoint = f"tcp://{control_host}:{control_port}"
-        self.heartbeat_timeout_s = heartbeat_timeout_s
         self.migrate_wait_s = migrate_wait_s
         self.admit_timeout_s = admit_timeout_s
         self.metrics = metrics
-        self.workers: dict[str, Worker] = {}
+        if metrics is not None:
+            metrics.watch(self.registry)
         self.requests: dict[str, RequestState] = {}  # by attempt id
         self._decoder = Decoder(RouterInbound, "router control socket")
         self._sock: zmq.asyncio.Socket | None = None
         self._tasks: list[asyncio.Task] = []
-        self._reference: tuple[str, str] | None = None  # (kv transport, layout hash) every worker must share
-        # cumulative counters of workers no longer listed, by role, so cluster totals never go down
-        self.retired = {PREFILL: WorkerLoad(), DECODE: WorkerLoad()}
 
     # --- lifecycle ------------------------------------------------------------------------------------------
     async def start(self):
@@ -101,7 +82,8 @@ class Cluster:
         self._sock.setsockopt(zmq.LINGER, 0)
         self._sock.setsockopt(zmq.ROUTER_MANDATORY, 1)  # sending to a vanished worker raises instead of vanishing
         self._sock.bind(self.endpoint)
-        self._tasks = [asyncio.create_task(self._receive_loop()), asyncio.create_task(self._monitor_loop())]
+        self._tasks = [asyncio.create_task(self._receive_loop()),
+                       asyncio.create_task(self.registry.monitor(self._declare_dead))]
         log.info("control endpoint %s", self.endpoint)
 
     async def stop(self):
@@ -110,18 +92,6 @@ class Cluster:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._sock.close()
         self._ctx.term()
-
-    def alive(self, role: str) -> list[Worker]:
-        return [w for w in self.workers.values() if w.alive and w.info.role == role]
-
-    @property
-    def healthy(self) -> bool:
-        return bool(self.alive(PREFILL)) and bool(self.alive(DECODE))
-
-    @property
-    def max_model_len(self) -> int | None:
-        lens = [w.info.max_model_len for w in self.workers.values() if w.alive]
-        return min(lens) if lens else None
 
     # --- the control socket ---------------------------------------------------------------------------------
     async def _receive_loop(self):
@@ -132,7 +102,9 @@ class Cluster:
                 continue
             try:
                 if isinstance(msg, Heartbeat):
-                    await self._on_heartbeat(frames[0], msg)
+                    reply = self.registry.heartbeat(frames[0], msg)
+                    if reply is not None:
+                        await self._reply(frames[0], reply)
                 elif isinstance(msg, Tokens):
                     for out in msg.outputs:
                         await self._on_output(out)
@@ -152,111 +124,27 @@ class Cluster:
             log.warning("cannot reach %s (%s)", worker.worker_id, e)
             return False
 
-    async def _on_heartbeat(self, identity: bytes, hb: Heartbeat):
-        info, now = hb.info, time.monotonic()
-        worker = self.workers.get(info.worker_id)
-        if worker is not None:
-            if not worker.alive:  # it was declared dead and its requests moved: it must not come back half-known
-                await self._reply(identity, Registered(False, "declared dead after missing heartbeats; restart it"))
-                return
-            worker.load, worker.last_seen = hb.load, now
-            return
-        error = self._registration_error(identity, info)
-        if error:
-            log.error("refusing worker %s: %s", info.worker_id, error)
-            await self._reply(identity, Registered(False, error))
-            return
-        self.workers[info.worker_id] = Worker(info, hb.load, now)
-        if self._reference is None:
-            self._reference = (info.kv_transport, info.kv_layout_hash)
-        await self._reply(identity, Registered(True))
-        log.info("worker %s joined (%s, %d blocks, inbox %s)", info.worker_id, info.role, info.num_blocks,
-                 info.inbox)
-
-    def _registration_error(self, identity: bytes, info: WorkerInfo) -> str | None:
-        if identity != info.worker_id.encode():
-            return "heartbeats must come from the worker's control socket (identity = worker id)"
-        if info.role not in (PREFILL, DECODE):
-            return f"unknown role {info.role!r}"
-        if info.model != self.model_name:
-            return f"the worker serves {info.model!r} but this router serves {self.model_name!r}"
-        if self._reference and (info.kv_transport, info.kv_layout_hash) != self._reference:
-            return (f"KV transport/layout {info.kv_transport}/{info.kv_layout_hash} differs from the cluster's "
-                    f"{self._reference[0]}/{self._reference[1]} (same model, dtype, block size and "
-                    f"--kv-transport on every worker)")
-        return None
-
     async def _reply(self, identity: bytes, msg: msgspec.Struct):
         try:
             await self._sock.send_multipart([identity, encode(msg)])
         except zmq.ZMQError:
             pass
 
-    # --- health ---------------------------------------------------------------------------------------------
-    async def _monitor_loop(self):
-        while True:
-            await asyncio.sleep(0.1)
-            now = time.monotonic()
-            for worker in list(self.workers.values()):
-                if worker.alive and now - worker.last_seen > self.heartbeat_timeout_s:
-                    await self._declare_dead(worker, f"no heartbeat for {now - worker.last_seen:.1f} s")
-            for wid in [w for w, x in self.workers.items() if not x.alive and now - x.last_seen > 60]:
-                # the dead stay listed for a minute (the /cluster page); their counters then join the totals
-                gone = self.workers.pop(wid)
-                retired = self.retired[gone.info.role]
-                for name in msgspec.structs.asdict(retired):
-                    setattr(retired, name, getattr(retired, name) + getattr(gone.load, name))
-
     async def _declare_dead(self, worker: Worker, why: str):
-        if not worker.alive:
+        if not self.registry.mark_dead(worker):
             return
-        worker.alive = False
         log.warning("worker %s is dead: %s; moving its %d requests", worker.worker_id, why, len(worker.inflight))
         if self.metrics:
             self.metrics.worker_deaths.labels(role=worker.info.role).inc()
-        if not self.alive(PREFILL) and not self.alive(DECODE):
-            self._reference = None  # an empty cluster may be restarted with another transport
-        for other in [w for w in self.workers.values() if w.alive]:
+        for other in [w for w in self.registry.workers.values() if w.alive]:
             await self._send(other, PeerGone(worker.worker_id))
         for req in [r for r in self.requests.values() if r.decode is worker or (r.in_prefill and r.prefill is worker)]:
             asyncio.create_task(self._reissue(req, f"{worker.info.role} worker {worker.worker_id} died"))
 
-    # --- routing --------------------------------------------------------------------------------------------
-    def _pick_decode(self, req: RequestState) -> Worker | None:
-        if req.preferred[0] is not None and req.preferred[0].alive and req.attempt == 0:
-            return req.preferred[0]
-        candidates = [w for w in self.alive(DECODE) if w.worker_id not in req.rejected_by]
-        return min(candidates, key=lambda w: (len(w.inflight), -w.load.free_blocks, w.assigned), default=None)
-
-    def _pick_prefill(self, token_ids: list[int]) -> tuple[Worker | None, list[int]]:
-        workers = self.alive(PREFILL)
-        if not workers:
-            return None, []
-        hashes = block_hashes(token_ids, workers[0].info.block_size)
-        least = min(len(w.inflight) for w in workers)
-
-        def score(w: Worker):
-            matched = 0
-            for h in hashes:
-                if h not in w.cached_prefix:
-                    break
-                matched += 1
-            balanced = len(w.inflight) <= least + PREFIX_BALANCE_SLACK
-            return (-matched if balanced else 0, len(w.inflight), w.assigned)
-        return min(workers, key=score), hashes
-
-    def _remember_prefix(self, worker: Worker, hashes: list[int]):
-        shadow = worker.cached_prefix
-        for h in hashes:
-            shadow[h] = None
-            shadow.move_to_end(h)
-        while len(shadow) > worker.info.num_blocks:
-            shadow.popitem(last=False)
-
     # --- requests -------------------------------------------------------------------------------------------
     async def submit(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> RequestState:
-        if not self.alive(PREFILL) or not self.alive(DECODE):
-            raise ClusterError(self.missing_roles())
+        if not self.registry.healthy:
+            raise ClusterError(self.registry.missing_roles())
         req = RequestState(request_id, prompt_ids, params, asyncio.Queue())
         await self._dispatch(req, wait_s=0.0)
         return req
@@ -281,30 +169,33 @@ class Cluster:
         except ClusterError as e:
             self._fail(req, str(e))
 
-    def missing_roles(self) -> str:
-        missing = [r for r in (PREFILL, DECODE) if not self.alive(r)]
-        return f"no live {' or '.join(missing)} worker in the cluster" if missing else "cluster unavailable"
+    def _route(self, req: RequestState) -> tuple[Worker | None, Worker | None, list[int]]:
+        """(decode worker, prefill worker, block hashes of what it prefills) for req's current attempt; a follower's
+        first attempt goes to its leader's workers while they live."""
+        decode, prefill = req.preferred if req.attempt == 0 else (None, None)
+        if decode is None or not decode.alive:
+            decode = routing.pick_decode(self.registry.alive(DECODE), req.rejected_by)
+        best, hashes = routing.pick_prefill(self.registry.alive(PREFILL), req.prompt_ids + req.output_ids)
+        if prefill is None or not prefill.alive:
+            prefill = best
+        return decode, prefill, hashes
 
     async def _dispatch(self, req: RequestState, wait_s: float):
         """Send req's current attempt to a decode worker, waiting up to wait_s for live workers of both roles."""
         deadline = time.monotonic() + wait_s
         while True:
-            decode = self._pick_decode(req)
-            prefill, hashes = self._pick_prefill(req.prompt_ids + req.output_ids)
-            if req.preferred[1] is not None and req.preferred[1].alive and req.attempt == 0:
-                prefill = req.preferred[1]
+            decode, prefill, hashes = self._route(req)
             if decode is not None and prefill is not None:
                 break
             if time.monotonic() >= deadline:
-                raise ClusterError(self.missing_roles())
+                raise ClusterError(self.registry.missing_roles())
             await asyncio.sleep(0.1)
         req.decode, req.prefill, req.in_prefill = decode, prefill, True
         self.requests[req.attempt_id] = req
-        decode.inflight.add(req.attempt_id)
-        prefill.inflight.add(req.attempt_id)
-        decode.assigned += 1
-        prefill.assigned += 1
-        self._remember_prefix(prefill, hashes)
+        for worker in (decode, prefill):
+            worker.inflight.add(req.attempt_id)
+            worker.assigned += 1
+        routing.remember_prefix(prefill, hashes)
         sent = await self._send(decode, Admit(req.attempt_id, req.prompt_ids + req.output_ids, req.params,
                                               prefill.worker_id, prefill.info.inbox, len(req.output_ids)))
         if not sent:
@@ -341,7 +232,7 @@ class Cluster:
         asyncio.create_task(self._readmit(req))
 
     async def _readmit(self, req: RequestState):
-        if len(req.rejected_by) >= len(self.alive(DECODE)):  # everyone is full: wait a little and ask again
+        if len(req.rejected_by) >= len(self.registry.alive(DECODE)):  # everyone is full: wait a little, ask again
             if time.monotonic() - req.arrival > self.admit_timeout_s:
                 return self._fail(req, "every decode worker is full; try again later")
             req.rejected_by.clear()
@@ -393,11 +284,3 @@ class Cluster:
         for worker in (req.decode, req.prefill if req.in_prefill else None):
             if worker is not None and worker.alive:
                 await self._send(worker, abort)
-
-    def snapshot(self) -> list[dict]:
-        now = time.monotonic()
-        return [{"worker_id": w.worker_id, "role": w.info.role, "alive": w.alive, "host": w.info.host,
-                 "pid": w.info.pid, "inbox": w.info.inbox, "kv_transport": w.info.kv_transport,
-                 "num_blocks": w.info.num_blocks, "inflight": len(w.inflight), "assigned": w.assigned,
-                 "seconds_since_heartbeat": round(now - w.last_seen, 3), "load": msgspec.structs.asdict(w.load)}
-                for w in self.workers.values()]

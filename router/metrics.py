@@ -1,140 +1,139 @@
-"""Minimal Prometheus metrics rendered in the text exposition format 0.0.4.
+"""What /metrics reports. vLLM's metric names where one exists, so existing dashboards work; nano_pd: otherwise.
 
-Just enough for the router's /metrics (counters, gauges, histograms with
-labels) without a third-party dependency. Each Registry is independent, so
-several routers in one process (tests) do not share series.
+Request latencies are observed by the router as tokens reach it, into this router's own CollectorRegistry (several
+routers in one process do not share series). Queue depths, KV usage and the prefix-cache and spec-decode counters
+come from the workers' heartbeats: ClusterCollector reads them from the worker registry at every scrape (a dead
+worker's series disappear, its counters stay in the cluster totals).
 """
-
 from __future__ import annotations
 
-import math
-import threading
+import prometheus_client
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from common.cluster.protocol import DECODE, PREFILL
+
+# no "<name>_created" series next to each counter: the exposition stays what existing dashboards read
+prometheus_client.disable_created_metrics()
+
+CONTENT_TYPE = "text/plain; version=0.0.4"  # the text format prometheus_client writes, under its classic name
+LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
+                   20.0, 40.0, 80.0)
+TRANSFER_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+ACCEPTANCE_BUCKETS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 
 
-def _escape(value: str, quote: bool = True) -> str:
-    value = str(value).replace("\\", "\\\\").replace("\n", "\\n")
-    return value.replace('"', '\\"') if quote else value
+class RouterMetrics:
+    def __init__(self, model_name: str):
+        self.model_name = model_name
+        r = self.registry = CollectorRegistry()
+        m = ("model_name",)
 
+        def latency(name: str, help: str):
+            return Histogram(name, help, m, buckets=LATENCY_BUCKETS, registry=r).labels(model_name=model_name)
 
-def _fmt(v: float) -> str:
-    # Same spelling as prometheus_client (le="1.0"), so dashboards written
-    # against vLLM's /metrics match our bucket labels.
-    v = float(v)
-    if math.isinf(v):
-        return "+Inf" if v > 0 else "-Inf"
-    return "NaN" if math.isnan(v) else repr(v)
+        self.ttft = latency("vllm:time_to_first_token_seconds", "Time to first token.")
+        self.itl = latency("vllm:inter_token_latency_seconds", "Time between streamed tokens.")
+        self.tpot = latency("vllm:request_time_per_output_token_seconds",
+                            "Mean time per output token after the first, per request.")
+        self.e2e = latency("vllm:e2e_request_latency_seconds", "Request latency, arrival to finish.")
+        self.prompt_tokens = Counter("vllm:prompt_tokens_total", "Prompt tokens of finished requests.", m,
+                                     registry=r).labels(model_name=model_name)
+        self.generation_tokens = Counter("vllm:generation_tokens_total", "Generated tokens.", m,
+                                         registry=r).labels(model_name=model_name)
+        self.request_success = Counter("vllm:request_success_total", "Finished requests by reason.",
+                                       ("model_name", "finished_reason"), registry=r)
+        self.request_errors = Counter("nano_pd:request_errors_total",
+                                      "Requests that ended in an error, by HTTP status.", ("status",), registry=r)
+        self.kv_transfer_bytes = Counter("nano_pd:kv_transfer_bytes_total",
+                                         "KV bytes pushed from prefill to decode workers.", registry=r)
+        self.kv_transfer_seconds = Histogram("nano_pd:kv_transfer_seconds", "Time of one request's KV push.",
+                                             buckets=TRANSFER_BUCKETS, registry=r)
+        self.migrations = Counter("nano_pd:request_migrations_total",
+                                  "Request attempts re-issued after a worker died or failed.", registry=r)
+        self.worker_deaths = Counter("nano_pd:worker_deaths_total", "Workers declared dead.", ("role",), registry=r)
+        self.request_acceptance = Histogram(
+            "nano_pd:request_spec_acceptance_rate", "Per finished request: accepted / proposed speculative tokens.",
+            m, buckets=ACCEPTANCE_BUCKETS, registry=r).labels(model_name=model_name)
+        self.cluster = ClusterCollector(model_name)
+        r.register(self.cluster)
 
+    def watch(self, workers) -> None:
+        """Report this worker registry's workers (router.registry.WorkerRegistry) from now on."""
+        self.cluster.workers = workers
 
-def _labelstr(pairs: list[tuple[str, str]]) -> str:
-    if not pairs:
-        return ""
-    return "{" + ",".join(f'{k}="{_escape(v)}"' for k, v in pairs) + "}"
-
-
-class _Metric:
-    type = ""
-
-    def __init__(self, name: str, help: str, labelnames=()):
-        self.name, self.help, self.labelnames = name, help, tuple(labelnames)
-        self._children: dict[tuple[str, ...], _Metric] = {}
-        self._lock = threading.Lock()
-        if not self.labelnames:
-            self._init_value()
-
-    def _init_value(self) -> None:
-        self.value = 0.0
-
-    def labels(self, **kw) -> "_Metric":
-        if set(kw) != set(self.labelnames):
-            raise ValueError(f"{self.name}: expected labels {self.labelnames}, got {sorted(kw)}")
-        key = tuple(str(kw[n]) for n in self.labelnames)
-        with self._lock:
-            child = self._children.get(key)
-            if child is None:
-                child = self._children[key] = self._child()
-        return child
-
-    def _child(self) -> "_Metric":
-        return type(self)(self.name, self.help)
-
-    def _samples(self, labels: list[tuple[str, str]]) -> list[str]:
-        return [f"{self.name}{_labelstr(labels)} {_fmt(self.value)}"]
-
-    def render(self) -> str:
-        with self._lock:
-            series = [] if self.labelnames else [([], self)]
-            series += [(list(zip(self.labelnames, k)), c) for k, c in sorted(self._children.items())]
-        lines = [f"# HELP {self.name} {_escape(self.help, quote=False)}", f"# TYPE {self.name} {self.type}"]
-        for labels, metric in series:
-            # a histogram's buckets, sum and count must come from one moment
-            with metric._lock:
-                lines += metric._samples(labels)
-        return "\n".join(lines) + "\n"
-
-
-class Counter(_Metric):
-    type = "counter"
-
-    def inc(self, amount: float = 1.0) -> None:
-        if amount < 0:
-            raise ValueError("counters only go up")
-        with self._lock:
-            self.value += amount
-
-
-class Gauge(_Metric):
-    type = "gauge"
-
-    def set(self, value: float) -> None:
-        self.value = float(value)
-
-    def inc(self, amount: float = 1.0) -> None:
-        with self._lock:
-            self.value += amount
-
-    def dec(self, amount: float = 1.0) -> None:
-        self.inc(-amount)
-
-
-class Histogram(_Metric):
-    type = "histogram"
-
-    def __init__(self, name: str, help: str, buckets, labelnames=()):
-        self.buckets = sorted(float(b) for b in buckets if b != math.inf) + [math.inf]
-        super().__init__(name, help, labelnames)
-
-    def _init_value(self) -> None:
-        self.counts = [0] * len(self.buckets)  # per bucket, made cumulative on render
-        self.sum = 0.0
-
-    def _child(self) -> "Histogram":
-        return Histogram(self.name, self.help, self.buckets)
-
-    def observe(self, value: float) -> None:
-        i = next((i for i, b in enumerate(self.buckets) if value <= b), len(self.buckets) - 1)
-        with self._lock:
-            self.counts[i] += 1
-            self.sum += value
-
-    def _samples(self, labels: list[tuple[str, str]]) -> list[str]:
-        out, total = [], 0
-        for b, n in zip(self.buckets, self.counts):
-            total += n
-            out.append(f"{self.name}_bucket{_labelstr(labels + [('le', _fmt(b))])} {total}")
-        out.append(f"{self.name}_sum{_labelstr(labels)} {_fmt(self.sum)}")
-        out.append(f"{self.name}_count{_labelstr(labels)} {total}")
-        return out
-
-
-class Registry:
-    def __init__(self):
-        self._metrics: dict[str, _Metric] = {}
-
-    def register(self, metric: _Metric) -> _Metric:
-        if metric.name in self._metrics:
-            raise ValueError(f"metric {metric.name} already registered")
-        self._metrics[metric.name] = metric
-        return metric
+    def finished(self, reason: str, prompt_tokens: int, draft_tokens: int = 0, accepted_tokens: int = 0):
+        self.request_success.labels(model_name=self.model_name, finished_reason=reason).inc()
+        self.prompt_tokens.inc(prompt_tokens)
+        if draft_tokens:
+            self.request_acceptance.observe(accepted_tokens / draft_tokens)
 
     def render(self) -> str:
-        return "".join(m.render() for m in self._metrics.values())
+        return generate_latest(self.registry).decode()
+
+
+class ClusterCollector(Collector):
+    """The per-worker and per-role series, read from the worker registry at each scrape: queue depths and KV usage
+    of the live workers, and the cumulative counters of all workers plus those of retired ones."""
+
+    def __init__(self, model_name: str, workers=None):
+        self.model_name = model_name
+        self.workers = workers  # a WorkerRegistry: .workers by id, .retired loads by role
+
+    def describe(self):
+        return list(self._families().values())  # the names without samples: the registry refuses a clash
+
+    def collect(self):
+        families = self._families()
+        if self.workers is not None:
+            self._per_worker(families)
+            self._totals(families)
+        return list(families.values())
+
+    def _families(self) -> dict:
+        per_worker, per_role, model = ("model_name", "role", "worker"), ("model_name", "role"), ("model_name",)
+        return {
+            "running": GaugeMetricFamily("vllm:num_requests_running", "Requests running on a worker.",
+                                         labels=per_worker),
+            "waiting": GaugeMetricFamily("vllm:num_requests_waiting", "Requests queued on a worker.",
+                                         labels=per_worker),
+            "usage": GaugeMetricFamily("vllm:kv_cache_usage_perc", "Fraction of a worker's KV blocks in use.",
+                                       labels=per_worker),
+            "alive": GaugeMetricFamily("nano_pd:workers_alive", "Live workers by role.", labels=("role",)),
+            "queries": CounterMetricFamily("vllm:prefix_cache_queries_total",
+                                           "Prompt tokens looked up in the prefix caches (all workers of a role).",
+                                           labels=per_role),
+            "hits": CounterMetricFamily("vllm:prefix_cache_hits_total", "Prompt tokens found in the prefix caches.",
+                                        labels=per_role),
+            "drafts": CounterMetricFamily("vllm:spec_decode_num_draft_tokens_total", "Speculative tokens proposed.",
+                                          labels=model),
+            "accepted": CounterMetricFamily("vllm:spec_decode_num_accepted_tokens_total",
+                                            "Speculative tokens accepted.", labels=model),
+            # vLLM's name; mean acceptance length = 1 + accepted tokens / this
+            "steps": CounterMetricFamily("vllm:spec_decode_num_drafts_total", "Forward passes that verified drafts.",
+                                         labels=model),
+        }
+
+    def _per_worker(self, families: dict):
+        live = sorted((w for w in self.workers.workers.values() if w.alive), key=lambda w: (w.info.role, w.worker_id))
+        for w in live:
+            labels, load = [self.model_name, w.info.role, w.worker_id], w.load
+            families["running"].add_metric(labels, load.num_running)
+            families["waiting"].add_metric(labels, load.num_waiting)
+            families["usage"].add_metric(labels, 1 - load.free_blocks / load.total_blocks if load.total_blocks else 0)
+        for role in (DECODE, PREFILL):
+            families["alive"].add_metric([role], sum(1 for w in live if w.info.role == role))
+
+    def _totals(self, families: dict):
+        """Every listed worker's cumulative counters, dead or alive, plus the retired ones': never going down."""
+        loads = {role: [load] for role, load in self.workers.retired.items()}
+        for w in self.workers.workers.values():
+            loads[w.info.role].append(w.load)
+        for role in (DECODE, PREFILL):
+            families["queries"].add_metric([self.model_name, role], sum(x.prefix_cache_queries for x in loads[role]))
+            families["hits"].add_metric([self.model_name, role], sum(x.prefix_cache_hits for x in loads[role]))
+        every = [x for role in loads for x in loads[role]]
+        families["drafts"].add_metric([self.model_name], sum(x.spec_draft_tokens for x in every))
+        families["accepted"].add_metric([self.model_name], sum(x.spec_accepted_tokens for x in every))
+        families["steps"].add_metric([self.model_name], sum(x.spec_verify_steps for x in every))

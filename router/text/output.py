@@ -2,8 +2,8 @@
 what remains. Streamed text goes through feed()/finish() as delta dicts; a whole text through message()."""
 from __future__ import annotations
 
-from router.reasoning import ThinkReasoningParser
-from router.tool_parsers import ContentDelta
+from router.text.reasoning import ThinkReasoningParser
+from router.text.tool_parsers import ContentDelta
 
 
 class OutputParser:

@@ -26,7 +26,7 @@ import secrets
 
 import msgspec
 
-from router.reasoning import partial_tag_len
+from router.text.reasoning import partial_tag_len
 
 _WS = " \t\r\n"
 

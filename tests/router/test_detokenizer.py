@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from router.detokenizer import IncrementalDetokenizer
+from router.text.detokenizer import IncrementalDetokenizer
 
 MIXED = "héllo 世界 🎉 the model caché, naïve Ω≈ç √ 𝔘𝔫𝔦𝔠𝔬𝔡𝔢 end"
 

@@ -1,156 +1,293 @@
-"""router.metrics: rendered text parsed back and checked against what was recorded."""
-
+"""router.metrics: the router's metrics object and its cluster collector, scraped and parsed back with
+prometheus_client's own parser."""
 from __future__ import annotations
 
+import asyncio
 import math
 import re
 import threading
+import time
 
 import pytest
+from prometheus_client import Counter
+from prometheus_client.parser import text_string_to_metric_families
 
-from router.metrics import Counter, Gauge, Histogram, Registry
+from common.cluster.protocol import DECODE, PREFILL, WorkerInfo, WorkerLoad
+from router.cluster import Cluster
+from router.metrics import ACCEPTANCE_BUCKETS, LATENCY_BUCKETS, TRANSFER_BUCKETS, RouterMetrics
+from router.registry import DEAD_LISTED_S, Worker, WorkerRegistry
 
-_SAMPLE = re.compile(r'^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})? (\S+)$')
-_LABEL = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)"')
+M, R, W = "model_name", "role", "worker"
+# every series /metrics has: exposed name -> (type, label names, HELP); the router's own first, then the cluster's
+EXPECTED = {
+    "vllm:time_to_first_token_seconds": ("histogram", {M}, "Time to first token."),
+    "vllm:inter_token_latency_seconds": ("histogram", {M}, "Time between streamed tokens."),
+    "vllm:request_time_per_output_token_seconds": ("histogram", {M},
+                                                   "Mean time per output token after the first, per request."),
+    "vllm:e2e_request_latency_seconds": ("histogram", {M}, "Request latency, arrival to finish."),
+    "vllm:prompt_tokens_total": ("counter", {M}, "Prompt tokens of finished requests."),
+    "vllm:generation_tokens_total": ("counter", {M}, "Generated tokens."),
+    "vllm:request_success_total": ("counter", {M, "finished_reason"}, "Finished requests by reason."),
+    "nano_pd:request_errors_total": ("counter", {"status"}, "Requests that ended in an error, by HTTP status."),
+    "nano_pd:kv_transfer_bytes_total": ("counter", set(), "KV bytes pushed from prefill to decode workers."),
+    "nano_pd:kv_transfer_seconds": ("histogram", set(), "Time of one request's KV push."),
+    "nano_pd:request_migrations_total": ("counter", set(), "Request attempts re-issued after a worker died or failed."),
+    "nano_pd:worker_deaths_total": ("counter", {R}, "Workers declared dead."),
+    "nano_pd:request_spec_acceptance_rate": ("histogram", {M},
+                                             "Per finished request: accepted / proposed speculative tokens."),
+    "vllm:num_requests_running": ("gauge", {M, R, W}, "Requests running on a worker."),
+    "vllm:num_requests_waiting": ("gauge", {M, R, W}, "Requests queued on a worker."),
+    "vllm:kv_cache_usage_perc": ("gauge", {M, R, W}, "Fraction of a worker's KV blocks in use."),
+    "nano_pd:workers_alive": ("gauge", {R}, "Live workers by role."),
+    "vllm:prefix_cache_queries_total": ("counter", {M, R},
+                                        "Prompt tokens looked up in the prefix caches (all workers of a role)."),
+    "vllm:prefix_cache_hits_total": ("counter", {M, R}, "Prompt tokens found in the prefix caches."),
+    "vllm:spec_decode_num_draft_tokens_total": ("counter", {M}, "Speculative tokens proposed."),
+    "vllm:spec_decode_num_accepted_tokens_total": ("counter", {M}, "Speculative tokens accepted."),
+    "vllm:spec_decode_num_drafts_total": ("counter", {M}, "Forward passes that verified drafts."),
+}
+BUCKETS = {"nano_pd:kv_transfer_seconds": TRANSFER_BUCKETS, "nano_pd:request_spec_acceptance_rate": ACCEPTANCE_BUCKETS}
 
 
-def _unescape(v: str) -> str:
-    return re.sub(r"\\(.)", lambda m: {"n": "\n"}.get(m.group(1), m.group(1)), v)
+def worker(worker_id: str, role: str, alive: bool = True, **load) -> Worker:
+    info = WorkerInfo(worker_id, role, "tiny", "tcp://127.0.0.1:1", "zmq", "layout", 16, 100, 256)
+    return Worker(info, WorkerLoad(**load), time.monotonic(), alive=alive)
 
 
-def parse(text: str):
-    """-> ({(name, frozenset(labels)): value}, {name: help}, {name: type})"""
-    samples, helps, types = {}, {}, {}
-    assert text.endswith("\n")
-    for line in text.splitlines():
-        if line.startswith("# HELP "):
-            name, _, h = line[7:].partition(" ")
-            helps[name] = h
-        elif line.startswith("# TYPE "):
-            name, t = line[7:].split(" ")
-            types[name] = t
-        else:
-            m = _SAMPLE.match(line)
-            assert m, line
-            name, labels, value = m.groups()
-            pairs = _LABEL.findall(labels or "")
-            # the whole label block must be consumed by well-formed pairs
-            assert ",".join(f'{k}="{v}"' for k, v in pairs) == (labels or "")
-            key = (name, frozenset((k, _unescape(v)) for k, v in pairs))
-            assert key not in samples, line
-            samples[key] = float(value)
-    return samples, helps, types
+def cluster_of(*workers: Worker) -> WorkerRegistry:
+    registry = WorkerRegistry("tiny")
+    registry.workers.update((w.worker_id, w) for w in workers)
+    return registry
 
 
-def lbl(**kw):
+def watched(*workers: Worker, model: str = "tiny") -> tuple[RouterMetrics, WorkerRegistry]:
+    metrics, registry = RouterMetrics(model), cluster_of(*workers)
+    metrics.watch(registry)
+    return metrics, registry
+
+
+def samples(text: str) -> dict[tuple[str, frozenset], float]:
+    """{(sample name, labels): value}, parsed by prometheus_client; no series twice."""
+    out = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            key = (s.name, frozenset(s.labels.items()))
+            assert key not in out, key
+            out[key] = s.value
+    return out
+
+
+def lbl(**kw) -> frozenset:
     return frozenset(kw.items())
 
 
-def test_counter_and_gauge():
-    reg = Registry()
-    c = reg.register(Counter("vllm:prompt_tokens_total", "Prompt tokens."))
-    g = reg.register(Gauge("vllm:num_requests_running", "Running requests."))
-    c.inc()
-    c.inc(41)
-    g.set(5)
-    g.inc(2)
-    g.dec()
+def buckets(values: dict, name: str, **labels) -> dict[float, float]:
+    """{upper bound: cumulative count} of one histogram series."""
+    return {float(dict(k[1])["le"]): v for k, v in values.items()
+            if k[0] == name + "_bucket" and k[1] - {("le", dict(k[1])["le"])} == lbl(**labels)}
+
+
+def test_every_metric_named_typed_labelled_and_explained():
+    metrics, _ = watched(worker("p1", PREFILL), worker("d1", DECODE))
+    metrics.finished("stop", 1)  # the labelled series below appear once something is counted
+    metrics.request_errors.labels(status=503).inc()
+    metrics.worker_deaths.labels(role="prefill").inc()
+    text = metrics.render()
+    assert re.findall(r"^# TYPE (\S+) (\S+)$", text, re.M) == [(n, t) for n, (t, _, _) in EXPECTED.items()]
+    assert re.findall(r"^# HELP (\S+) (.*)$", text, re.M) == [(n, h) for n, (_, _, h) in EXPECTED.items()]
+    assert "_created" not in text  # counters carry no creation-time series
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    for name, (type_, labels, help_) in EXPECTED.items():
+        family = families[name.removesuffix("_total") if type_ == "counter" else name]
+        assert family.type == type_ and family.documentation == help_, name
+        assert family.samples, f"{name} has no series"
+        for s in family.samples:
+            assert set(s.labels) - {"le"} == labels, (name, s)
+    assert len(families) == len(EXPECTED)
+
+
+def test_requests_recorded():
+    metrics, _ = watched()
+    metrics.generation_tokens.inc(5)
+    metrics.finished("stop", 12, draft_tokens=10, accepted_tokens=7)
+    metrics.finished("length", 3)
+    metrics.finished("stop", 1)
+    metrics.request_errors.labels(status=503).inc()
+    metrics.request_errors.labels(status=504).inc(2)
+    got = samples(metrics.render())
+    assert got[("vllm:generation_tokens_total", lbl(model_name="tiny"))] == 5
+    assert got[("vllm:prompt_tokens_total", lbl(model_name="tiny"))] == 16
+    assert got[("vllm:request_success_total", lbl(model_name="tiny", finished_reason="stop"))] == 2
+    assert got[("vllm:request_success_total", lbl(model_name="tiny", finished_reason="length"))] == 1
+    assert got[("nano_pd:request_errors_total", lbl(status="503"))] == 1
+    assert got[("nano_pd:request_errors_total", lbl(status="504"))] == 2
+    # only the request with drafts has an acceptance rate
+    assert got[("nano_pd:request_spec_acceptance_rate_count", lbl(model_name="tiny"))] == 1
+    assert got[("nano_pd:request_spec_acceptance_rate_sum", lbl(model_name="tiny"))] == pytest.approx(0.7)
+    assert buckets(got, "nano_pd:request_spec_acceptance_rate", model_name="tiny")[0.7] == 1
+    assert buckets(got, "nano_pd:request_spec_acceptance_rate", model_name="tiny")[0.6] == 0
+
+
+def test_transfers_migrations_and_deaths():
+    metrics, _ = watched()
+    metrics.kv_transfer_bytes.inc(1000)
+    metrics.kv_transfer_bytes.inc(24)
+    metrics.kv_transfer_seconds.observe(0.004)
+    metrics.migrations.inc()
+    metrics.worker_deaths.labels(role="decode").inc()
+    got = samples(metrics.render())
+    assert got[("nano_pd:kv_transfer_bytes_total", lbl())] == 1024
+    assert got[("nano_pd:kv_transfer_seconds_count", lbl())] == 1
+    assert got[("nano_pd:kv_transfer_seconds_sum", lbl())] == pytest.approx(0.004)
+    assert buckets(got, "nano_pd:kv_transfer_seconds") == {
+        b: (1 if b >= 0.005 else 0) for b in (*TRANSFER_BUCKETS, math.inf)}
+    assert got[("nano_pd:request_migrations_total", lbl())] == 1
+    assert got[("nano_pd:worker_deaths_total", lbl(role="decode"))] == 1
+    assert ("nano_pd:worker_deaths_total", lbl(role="prefill")) not in got  # no series before a first death
     with pytest.raises(ValueError):
-        c.inc(-1)
-    samples, helps, types = parse(reg.render())
-    assert samples == {("vllm:prompt_tokens_total", lbl()): 42.0, ("vllm:num_requests_running", lbl()): 6.0}
-    assert types == {"vllm:prompt_tokens_total": "counter", "vllm:num_requests_running": "gauge"}
-    assert helps["vllm:prompt_tokens_total"] == "Prompt tokens."
+        metrics.kv_transfer_bytes.inc(-1)  # counters only go up
 
 
-def test_render_layout():
-    reg = Registry()
-    reg.register(Counter("a_total", "A.", ["model"])).labels(model="m").inc(3)
-    assert reg.render() == '# HELP a_total A.\n# TYPE a_total counter\na_total{model="m"} 3.0\n'
+def test_a_worker_declared_dead_by_the_cluster():
+    metrics = RouterMetrics("tiny")
+    cluster = Cluster("tiny", "127.0.0.1", 1, metrics=metrics)  # never started: no socket is needed here
+    d1 = worker("d1", DECODE, num_running=2)
+    cluster.registry.workers["d1"] = d1
+    before = samples(metrics.render())
+    assert before[("nano_pd:workers_alive", lbl(role="decode"))] == 1
+    assert before[("vllm:num_requests_running", lbl(model_name="tiny", role="decode", worker="d1"))] == 2
+    asyncio.run(cluster._declare_dead(d1, "test"))
+    asyncio.run(cluster._declare_dead(d1, "again"))  # counted once
+    after = samples(metrics.render())
+    assert after[("nano_pd:worker_deaths_total", lbl(role="decode"))] == 1
+    assert after[("nano_pd:workers_alive", lbl(role="decode"))] == 0
+    assert not any(k[0] == "vllm:num_requests_running" for k in after)  # a dead worker's series disappear
 
 
-def test_labels():
-    reg = Registry()
-    c = reg.register(Counter("req_total", "Requests.", labelnames=("model", "finished_reason")))
-    c.labels(model="m", finished_reason="stop").inc()
-    c.labels(finished_reason="stop", model="m").inc()
-    c.labels(model="m", finished_reason="length").inc(5)
-    with pytest.raises(ValueError):
-        c.labels(model="m")
-    samples, _, _ = parse(reg.render())
-    assert samples == {
-        ("req_total", lbl(model="m", finished_reason="stop")): 2.0,
-        ("req_total", lbl(model="m", finished_reason="length")): 5.0,
-    }
-
-
-def test_label_and_help_escaping():
-    reg = Registry()
-    nasty = 'a\\b"c\nd'
-    g = reg.register(Gauge("g", 'help with \\ and\nnewline "quoted"', ["path"]))
-    g.labels(path=nasty).set(1.5)
-    text = reg.render()
-    assert 'g{path="a\\\\b\\"c\\nd"} 1.5' in text
-    assert '# HELP g help with \\\\ and\\nnewline "quoted"\n' in text
-    assert len(text.splitlines()) == 3  # no raw newline leaked
-    samples, _, _ = parse(text)
-    assert samples == {("g", lbl(path=nasty)): 1.5}
-
-
-def test_histogram_cumulative_buckets():
-    reg = Registry()
-    buckets = [0.01, 0.1, 1.0, 10.0]
-    h = reg.register(Histogram("vllm:time_to_first_token_seconds", "TTFT.", buckets, ["model"]))
-    values = [0.005, 0.01, 0.05, 0.5, 0.7, 5.0, 50.0, 1e9]
+def test_histogram_buckets_are_cumulative_with_inclusive_bounds():
+    metrics, _ = watched()
+    values = [0.0005, 0.001, 0.003, 0.05, 0.5, 0.7, 5.0, 50.0, 1e9]
     for v in values:
-        h.labels(model="m").observe(v)
-    samples, _, types = parse(reg.render())
-    assert types == {"vllm:time_to_first_token_seconds": "histogram"}
+        metrics.ttft.observe(v)
+    text = metrics.render()
+    got = samples(text)
     name = "vllm:time_to_first_token_seconds"
-    got = {
-        dict(k[1])["le"]: v for k, v in samples.items() if k[0] == name + "_bucket"
-    }
-    # upper bounds are inclusive
-    assert got == {"0.01": 2, "0.1": 3, "1.0": 5, "10.0": 6, "+Inf": 8}
-    assert samples[(name + "_count", lbl(model="m"))] == len(values)
-    assert samples[(name + "_sum", lbl(model="m"))] == pytest.approx(sum(values))
-    # buckets appear in increasing order with +Inf last
-    les = re.findall(r'le="([^"]+)"', reg.render())
-    assert [float(x) for x in les] == sorted(float(x) for x in les) and les[-1] == "+Inf"
+    cumulative = buckets(got, name, model_name="tiny")
+    assert list(cumulative) == [*LATENCY_BUCKETS, math.inf]  # the boundaries, in increasing order, +Inf last
+    assert cumulative == {b: sum(v <= b for v in values) for b in cumulative}
+    assert cumulative[0.001] == 2 and cumulative[80.0] == 8
+    assert cumulative[math.inf] == got[(name + "_count", lbl(model_name="tiny"))] == len(values)
+    assert got[(name + "_sum", lbl(model_name="tiny"))] == pytest.approx(sum(values))
+    les = re.findall(r'^vllm:time_to_first_token_seconds_bucket\{.*le="([^"]+)"', text, re.M)
+    assert les[-1] == "+Inf" and les[11] == "1.0"  # prometheus_client's spelling, as dashboards expect
 
 
-def test_histogram_unlabelled_empty_and_inf_bucket_given():
-    reg = Registry()
-    h = reg.register(Histogram("lat", "Latency.", [1, 2, math.inf]))
-    samples, _, _ = parse(reg.render())
-    assert samples[("lat_bucket", lbl(le="+Inf"))] == 0
-    assert samples[("lat_count", lbl())] == 0 and samples[("lat_sum", lbl())] == 0
-    h.observe(1.5)
-    h.observe(float("nan"))  # lands in +Inf rather than raising
-    samples, _, _ = parse(reg.render())
-    assert samples[("lat_bucket", lbl(le="1.0"))] == 0
-    assert samples[("lat_bucket", lbl(le="2.0"))] == 1
-    assert samples[("lat_bucket", lbl(le="+Inf"))] == 2
-    assert len([k for k in samples if k[0] == "lat_bucket"]) == 3
+def test_histograms_exist_empty_before_any_observation():
+    got = samples(watched()[0].render())
+    for name, (type_, labels, _) in EXPECTED.items():
+        if type_ != "histogram":
+            continue
+        series = lbl(model_name="tiny") if labels else lbl()
+        assert got[(name + "_count", series)] == 0 and got[(name + "_sum", series)] == 0
+        assert set(buckets(got, name, **dict(series)).values()) == {0}
+        assert list(buckets(got, name, **dict(series))) == [*BUCKETS.get(name, LATENCY_BUCKETS), math.inf]
 
 
-def test_registry_rejects_duplicates():
-    reg = Registry()
-    reg.register(Counter("x_total", "X."))
+def test_label_values_are_escaped():
+    nasty = 'a\\b"c\nd'
+    metrics, _ = watched(worker(nasty, DECODE, num_running=3), model=nasty)
+    metrics.finished("stop", 1)
+    text = metrics.render()
+    assert 'model_name="a\\\\b\\"c\\nd"' in text
+    assert all(line.startswith(("#", "vllm:", "nano_pd:")) for line in text.splitlines())  # no raw newline leaked
+    got = samples(text)
+    assert got[("vllm:num_requests_running", lbl(model_name=nasty, role="decode", worker=nasty))] == 3
+    assert got[("vllm:request_success_total", lbl(model_name=nasty, finished_reason="stop"))] == 1
+
+
+def test_worker_loads_read_at_scrape_time():
+    p1 = worker("p1", PREFILL, num_running=1, num_waiting=2, free_blocks=30, total_blocks=100)
+    d1 = worker("d1", DECODE, num_running=3, free_blocks=10, total_blocks=100)
+    d2 = worker("d2", DECODE, num_running=4)  # no blocks reported yet: usage 0
+    dead = worker("d3", DECODE, alive=False, num_running=9, free_blocks=0, total_blocks=100)
+    metrics, _ = watched(p1, d1, d2, dead)
+    got = samples(metrics.render())
+
+    def per_worker(name: str) -> dict:
+        return {dict(k[1])["worker"]: v for k, v in got.items() if k[0] == name}
+    assert per_worker("vllm:num_requests_running") == {"p1": 1, "d1": 3, "d2": 4}
+    assert per_worker("vllm:num_requests_waiting") == {"p1": 2, "d1": 0, "d2": 0}
+    assert per_worker("vllm:kv_cache_usage_perc") == pytest.approx({"p1": 0.7, "d1": 0.9, "d2": 0})
+    assert got[("vllm:num_requests_running", lbl(model_name="tiny", role="prefill", worker="p1"))] == 1
+    assert got[("nano_pd:workers_alive", lbl(role="prefill"))] == 1
+    assert got[("nano_pd:workers_alive", lbl(role="decode"))] == 2
+    d1.load = WorkerLoad(num_running=5, free_blocks=50, total_blocks=100)  # the next heartbeat
+    got = samples(metrics.render())
+    assert got[("vllm:num_requests_running", lbl(model_name="tiny", role="decode", worker="d1"))] == 5
+    assert got[("vllm:kv_cache_usage_perc", lbl(model_name="tiny", role="decode", worker="d1"))] == 0.5
+
+
+def test_cumulative_counters_never_go_down_when_a_dead_worker_is_retired():
+    p1 = worker("p1", PREFILL, prefix_cache_queries=500, prefix_cache_hits=200)
+    p2 = worker("p2", PREFILL, alive=False, prefix_cache_queries=7, prefix_cache_hits=3)
+    d1 = worker("d1", DECODE, prefix_cache_queries=40, prefix_cache_hits=16, spec_draft_tokens=90,
+                spec_accepted_tokens=60, spec_verify_steps=30)
+    d2 = worker("d2", DECODE, alive=False, spec_draft_tokens=6, spec_accepted_tokens=5, spec_verify_steps=5)
+    metrics, registry = watched(p1, p2, d1, d2)
+    totals = {("vllm:prefix_cache_queries_total", lbl(model_name="tiny", role="prefill")): 507,
+              ("vllm:prefix_cache_hits_total", lbl(model_name="tiny", role="prefill")): 203,
+              ("vllm:prefix_cache_queries_total", lbl(model_name="tiny", role="decode")): 40,
+              ("vllm:prefix_cache_hits_total", lbl(model_name="tiny", role="decode")): 16,
+              ("vllm:spec_decode_num_draft_tokens_total", lbl(model_name="tiny")): 96,
+              ("vllm:spec_decode_num_accepted_tokens_total", lbl(model_name="tiny")): 65,
+              ("vllm:spec_decode_num_drafts_total", lbl(model_name="tiny")): 35}
+    before = samples(metrics.render())
+    assert {k: before[k] for k in totals} == totals
+    registry.retire_dead(time.monotonic() + DEAD_LISTED_S + 1)
+    assert set(registry.workers) == {"p1", "d1"}
+    after = samples(metrics.render())
+    assert {k: after[k] for k in totals} == totals
+    registry.retire_dead(time.monotonic() + 2 * DEAD_LISTED_S)  # retiring is once: nothing is counted twice
+    registry.workers["p3"] = worker("p3", PREFILL, prefix_cache_queries=10, prefix_cache_hits=1)
+    later = samples(metrics.render())
+    assert later[("vllm:prefix_cache_queries_total", lbl(model_name="tiny", role="prefill"))] == 517
+    assert later[("vllm:spec_decode_num_drafts_total", lbl(model_name="tiny"))] == 35
+
+
+def test_routers_in_one_process_do_not_share_series():
+    a, _ = watched(model="a")
+    b, _ = watched(worker("d1", DECODE), model="b")
+    a.migrations.inc(3)
+    a.finished("stop", 4)
+    got_a, got_b = samples(a.render()), samples(b.render())
+    assert got_a[("nano_pd:request_migrations_total", lbl())] == 3
+    assert got_b[("nano_pd:request_migrations_total", lbl())] == 0
+    assert {dict(k[1]).get("model_name") for k in got_b} <= {"b", None}
+    assert got_a[("nano_pd:workers_alive", lbl(role="decode"))] == 0
+    assert got_b[("nano_pd:workers_alive", lbl(role="decode"))] == 1
+
+
+def test_no_second_metric_of_a_name():
+    metrics = RouterMetrics("tiny")
+    with pytest.raises(ValueError):  # the cluster collector's names are known to the registry
+        Counter("vllm:prefix_cache_hits_total", "again", registry=metrics.registry)
     with pytest.raises(ValueError):
-        reg.register(Gauge("x_total", "X again."))
+        Counter("nano_pd:request_migrations_total", "again", registry=metrics.registry)
 
 
 def test_concurrent_increments():
-    c = Counter("n_total", "N.", ["k"])
+    metrics = RouterMetrics("tiny")
 
     def work():
         for _ in range(2000):
-            c.labels(k="a").inc()
+            metrics.generation_tokens.inc()
+            metrics.request_errors.labels(status=500).inc()
 
     threads = [threading.Thread(target=work) for _ in range(4)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    assert c.labels(k="a").value == 8000
+    got = samples(metrics.render())
+    assert got[("vllm:generation_tokens_total", lbl(model_name="tiny"))] == 8000
+    assert got[("nano_pd:request_errors_total", lbl(status="500"))] == 8000

@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from router.reasoning import (REASONING_PARSERS, ThinkReasoningParser, get_reasoning_parser,
+from router.text.reasoning import (REASONING_PARSERS, ThinkReasoningParser, get_reasoning_parser,
                               prompt_opens_reasoning)
 
 # (starts_in_reasoning, output, expected reasoning, expected content)

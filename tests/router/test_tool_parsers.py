@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from router.tool_parsers import (TOOL_PARSERS, ContentDelta, HermesToolParser, ToolCall, ToolCallDelta,
+from router.text.tool_parsers import (TOOL_PARSERS, ContentDelta, HermesToolParser, ToolCall, ToolCallDelta,
                                  get_tool_parser)
 from tests.router.test_reasoning import chunkings
 

@@ -1,0 +1,137 @@
+"""The worker registry: who joined (and who may), their heartbeats and loads, who is alive, and the cluster's health.
+
+A worker registers with its first heartbeat. One that misses heartbeats for heartbeat_timeout_s is declared dead;
+the dead stay listed for a minute (the /cluster page), then their cumulative counters join the per-role totals of
+`retired`, so the cluster's counters never go down.
+"""
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import time
+from collections import OrderedDict
+from typing import Awaitable, Callable
+
+import msgspec
+
+from common.cluster.protocol import DECODE, PREFILL, Heartbeat, Registered, WorkerInfo, WorkerLoad
+
+log = logging.getLogger("nano_pd.router")
+
+DEAD_LISTED_S = 60.0  # how long a dead worker stays listed before it is retired
+MONITOR_INTERVAL_S = 0.1
+
+
+@dataclasses.dataclass
+class Worker:
+    info: WorkerInfo
+    load: WorkerLoad
+    last_seen: float
+    alive: bool = True
+    inflight: set[str] = dataclasses.field(default_factory=set)  # request ids at this worker's stage
+    assigned: int = 0  # requests ever routed here
+    cached_prefix: OrderedDict[int, None] = dataclasses.field(default_factory=OrderedDict)  # prefill: LRU shadow
+
+    @property
+    def worker_id(self) -> str:
+        return self.info.worker_id
+
+
+class WorkerRegistry:
+    def __init__(self, model_name: str, heartbeat_timeout_s: float = 2.0):
+        self.model_name = model_name
+        self.heartbeat_timeout_s = heartbeat_timeout_s
+        self.workers: dict[str, Worker] = {}
+        self._reference: tuple[str, str] | None = None  # (kv transport, layout hash) every worker must share
+        # cumulative counters of workers no longer listed, by role, so cluster totals never go down
+        self.retired = {PREFILL: WorkerLoad(), DECODE: WorkerLoad()}
+
+    # --- health ---------------------------------------------------------------------------------------------
+    def alive(self, role: str) -> list[Worker]:
+        return [w for w in self.workers.values() if w.alive and w.info.role == role]
+
+    @property
+    def healthy(self) -> bool:
+        return bool(self.alive(PREFILL)) and bool(self.alive(DECODE))
+
+    @property
+    def max_model_len(self) -> int | None:
+        lens = [w.info.max_model_len for w in self.workers.values() if w.alive]
+        return min(lens) if lens else None
+
+    def missing_roles(self) -> str:
+        missing = [r for r in (PREFILL, DECODE) if not self.alive(r)]
+        return f"no live {' or '.join(missing)} worker in the cluster" if missing else "cluster unavailable"
+
+    # --- joining and heartbeats -----------------------------------------------------------------------------
+    def heartbeat(self, identity: bytes, hb: Heartbeat) -> Registered | None:
+        """Record a heartbeat from the socket identity; the reply it needs (a registration's verdict, or the
+        refusal of a worker already declared dead), or None."""
+        info, now = hb.info, time.monotonic()
+        worker = self.workers.get(info.worker_id)
+        if worker is not None:
+            if not worker.alive:  # it was declared dead and its requests moved: it must not come back half-known
+                return Registered(False, "declared dead after missing heartbeats; restart it")
+            worker.load, worker.last_seen = hb.load, now
+            return None
+        error = self.registration_error(identity, info)
+        if error:
+            log.error("refusing worker %s: %s", info.worker_id, error)
+            return Registered(False, error)
+        self.workers[info.worker_id] = Worker(info, hb.load, now)
+        if self._reference is None:
+            self._reference = (info.kv_transport, info.kv_layout_hash)
+        log.info("worker %s joined (%s, %d blocks, inbox %s)", info.worker_id, info.role, info.num_blocks,
+                 info.inbox)
+        return Registered(True)
+
+    def registration_error(self, identity: bytes, info: WorkerInfo) -> str | None:
+        if identity != info.worker_id.encode():
+            return "heartbeats must come from the worker's control socket (identity = worker id)"
+        if info.role not in (PREFILL, DECODE):
+            return f"unknown role {info.role!r}"
+        if info.model != self.model_name:
+            return f"the worker serves {info.model!r} but this router serves {self.model_name!r}"
+        if self._reference and (info.kv_transport, info.kv_layout_hash) != self._reference:
+            return (f"KV transport/layout {info.kv_transport}/{info.kv_layout_hash} differs from the cluster's "
+                    f"{self._reference[0]}/{self._reference[1]} (same model, dtype, block size and "
+                    f"--kv-transport on every worker)")
+        return None
+
+    # --- death and retirement -------------------------------------------------------------------------------
+    def mark_dead(self, worker: Worker) -> bool:
+        """Mark worker dead; False if it already was."""
+        if not worker.alive:
+            return False
+        worker.alive = False
+        if not self.alive(PREFILL) and not self.alive(DECODE):
+            self._reference = None  # an empty cluster may be restarted with another transport
+        return True
+
+    async def monitor(self, declare_dead: Callable[[Worker, str], Awaitable[None]]):
+        """Forever: hand each worker whose heartbeats stopped to declare_dead, and retire the long dead."""
+        while True:
+            await asyncio.sleep(MONITOR_INTERVAL_S)
+            now = time.monotonic()
+            for worker in list(self.workers.values()):
+                if worker.alive and now - worker.last_seen > self.heartbeat_timeout_s:
+                    await declare_dead(worker, f"no heartbeat for {now - worker.last_seen:.1f} s")
+            self.retire_dead(now)
+
+    def retire_dead(self, now: float):
+        """Unlist the workers dead for DEAD_LISTED_S; their cumulative counters join `retired`."""
+        for wid in [w for w, x in self.workers.items() if not x.alive and now - x.last_seen > DEAD_LISTED_S]:
+            gone = self.workers.pop(wid)
+            retired = self.retired[gone.info.role]
+            for name in msgspec.structs.asdict(retired):
+                setattr(retired, name, getattr(retired, name) + getattr(gone.load, name))
+
+    def snapshot(self) -> list[dict]:
+        """The /cluster page's worker list."""
+        now = time.monotonic()
+        return [{"worker_id": w.worker_id, "role": w.info.role, "alive": w.alive, "host": w.info.host,
+                 "pid": w.info.pid, "inbox": w.info.inbox, "kv_transport": w.info.kv_transport,
+                 "num_blocks": w.info.num_blocks, "inflight": len(w.inflight), "assigned": w.assigned,
+                 "seconds_since_heartbeat": round(now - w.last_seen, 3), "load": msgspec.structs.asdict(w.load)}
+                for w in self.workers.values()]

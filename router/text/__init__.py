@@ -1,0 +1,1 @@
+"""Model output as OpenAI text: incremental detokenization and stop strings, reasoning split, tool-call parsing."""
