@@ -1,48 +1,59 @@
-"""The worker command line: the flags both worker roles take, and the engine arguments they give."""
+"""The worker command line: the flags both worker roles take (the engine's generated from EngineArgs), the decode
+role's own, and the engine arguments they give."""
 from __future__ import annotations
 
 import argparse
-import json
+import dataclasses
 import logging
+import typing
+
+from common.engine_args import EngineArgs
+
+KV_TRANSPORTS = ("auto", "nixl", "zmq")
 
 
 def add_worker_args(ap: argparse.ArgumentParser) -> argparse.ArgumentParser:
     ap.add_argument("--router", required=True, help="HOST:PORT of the router's control endpoint")
-    ap.add_argument("--model", default=None, help="HF folder, .gguf file or the default model's name")
     ap.add_argument("--served-model-name", default=None, help="the model name clients use (default: from --model)")
     ap.add_argument("--name", default=None, help="worker name prefix (the pid is appended)")
     ap.add_argument("--host", default="127.0.0.1", help="address to bind the worker's sockets on")
     ap.add_argument("--advertise-host", default=None, help="address peers use to reach this worker (default --host)")
-    ap.add_argument("--kv-transport", default="auto", choices=["auto", "nixl", "zmq"])
-    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    ap.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
-    ap.add_argument("--block-size", type=int, default=16)
-    ap.add_argument("--num-kv-blocks", type=int, default=None)
-    ap.add_argument("--kv-cache-memory-gb", type=float, default=1.0)
-    ap.add_argument("--max-num-seqs", type=int, default=256)
-    ap.add_argument("--max-num-batched-tokens", type=int, default=2048)
-    ap.add_argument("--max-model-len", type=int, default=None)
-    ap.add_argument("--no-prefix-caching", action="store_true")
-    ap.add_argument("--speculative-config", type=json.loads, default=None,
-                    help='JSON, e.g. \'{"method": "ngram", "num_speculative_tokens": 3}\' (decode workers)')
-    ap.add_argument("--decode-mode", default="auto", choices=["auto", "eager", "compile"],
-                    help="decode-only steps: torch.compile'd or eager (auto: eager on CPU)")
-    ap.add_argument("--tensor-parallel-size", type=int, default=1,
-                    help="processes sharing the model's weights and KV heads (torch.distributed: gloo / NCCL)")
-    ap.add_argument("--enable-expert-parallel", action="store_true",
-                    help="MoE: shard whole experts across the tensor-parallel ranks instead of slicing each")
+    ap.add_argument("--kv-transport", default="auto", choices=KV_TRANSPORTS)
+    add_engine_args(ap.add_argument_group("engine options"))
     ap.add_argument("--log-level", default="info")
     return ap
 
 
+def worker_parser(role: str, ap: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
+    """The whole command line of a `role` ("prefill" or "decode") worker, on `ap` or a parser of its own."""
+    ap = add_worker_args(ap or argparse.ArgumentParser(prog=f"python -m {role}_worker"))
+    if role == "decode":
+        ap.add_argument("--kv-lease", type=float, default=60.0,
+                        help="seconds reserved blocks wait for their KV before they are freed and the request retried")
+        ap.add_argument("--max-pending", type=int, default=None,
+                        help="admissions queued for blocks before new ones are refused (default 4 x max-num-seqs)")
+    return ap
+
+
+def add_engine_args(ap) -> None:
+    """A flag for every field of EngineArgs, its dest the field's name: --block-size N sets block_size; a bool
+    option is a switch that turns its default around (--enable-expert-parallel, --no-prefix-caching)."""
+    hints = typing.get_type_hints(EngineArgs)
+    for f in dataclasses.fields(EngineArgs):
+        spelling = f.metadata.get("flag", "--" + f.name.replace("_", "-"))
+        if hints[f.name] is bool:
+            ap.add_argument(spelling, dest=f.name, action="store_false" if f.default else "store_true",
+                            help=f.metadata["help"])
+            continue
+        # `int | None` is read as an int; a flag never gives None, only its absence does
+        plain = next(t for t in typing.get_args(hints[f.name]) or (hints[f.name],) if t is not type(None))
+        ap.add_argument(spelling, dest=f.name, type=f.metadata.get("type", plain), default=f.default,
+                        choices=f.metadata.get("choices"), help=f.metadata["help"])
+
+
 def engine_kwargs(args: argparse.Namespace) -> dict:
     """EngineConfig's arguments from the parsed worker flags."""
-    return dict(model=args.model, dtype=args.dtype, block_size=args.block_size, num_kv_blocks=args.num_kv_blocks,
-                kv_cache_memory_gb=args.kv_cache_memory_gb, max_num_seqs=args.max_num_seqs,
-                max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
-                enable_prefix_caching=not args.no_prefix_caching, speculative_config=args.speculative_config,
-                decode_mode=args.decode_mode, tensor_parallel_size=args.tensor_parallel_size,
-                enable_expert_parallel=args.enable_expert_parallel, threads=args.threads)
+    return {f.name: getattr(args, f.name) for f in dataclasses.fields(EngineArgs)}
 
 
 def setup_logging(role: str, args: argparse.Namespace):

@@ -4,6 +4,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from common.engine_args import EngineArgs
 from common.errors import InvalidRequestError, ModelLoadError
 from common.names import resolve_model
 
@@ -13,24 +14,8 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 @dataclass
-class EngineConfig:
-    model: str | None = None
-    dtype: str = "auto"  # auto: the checkpoint's dtype, float32 when it names none
-    block_size: int = 16
-    max_num_seqs: int = 256
-    max_num_batched_tokens: int = 2048
-    max_model_len: int | None = None
-    num_kv_blocks: int | None = None  # overrides kv_cache_memory_gb
-    kv_cache_memory_gb: float = 1.0
-    enable_prefix_caching: bool = True
-    seed: int = 0
-    speculative_config: dict | None = None  # {"method": "ngram", "num_speculative_tokens": k, ...}
-    device: str = "cpu"  # "cuda" / "cuda:N" on a GPU machine
-    # decode-only steps: "eager", "compile" (torch.compile, CPU), "cuda_graph" (GPU), "auto" (the device's best)
-    decode_mode: str = "auto"
-    tensor_parallel_size: int = 1  # processes sharing the model (this one is rank 0)
-    enable_expert_parallel: bool = False  # MoE: each rank holds whole experts instead of a slice of every expert
-    threads: int = 0  # torch intra-op threads of this process (0: torch's default)
+class EngineConfig(EngineArgs):
+    """EngineArgs (the options and their defaults), checked, with the model resolved and its HF config read."""
     hf_config: object = field(default=None, repr=False)
 
     def __post_init__(self):

@@ -18,7 +18,7 @@ import time
 import pytest
 
 from deploy import launch
-from deploy.launch import Supervisor
+from deploy.supervisor import Supervisor
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 PY = sys.executable
@@ -147,7 +147,7 @@ def test_leaving_the_with_block_by_an_exception_stops_children_and_their_helpers
 SUPERVISED_SCRIPT = """
 import json, sys
 sys.path.insert(0, {repo!r})
-from deploy.launch import Supervisor, install_signal_handlers
+from deploy.supervisor import Supervisor, install_signal_handlers
 
 py = sys.executable
 sup = Supervisor(stop_timeout={stop_timeout})
@@ -261,7 +261,8 @@ def test_dry_run_from_flags(capsys, monkeypatch):
     monkeypatch.setattr(os, "cpu_count", lambda: 16)
     cmds = dry_run(capsys, "--model", "/models/tiny-llama/", "--prefill-workers", "2", "--decode-workers", "3",
                    "--host", "10.1.2.3", "--port", "9000", "--kv-transport", "zmq",
-                   "--prefill-args", "--max-num-batched-tokens 4096 --note 'a b'", "--decode-args", "--max-num-seqs 8")
+                   "--prefill-args", "--max-num-batched-tokens 4096 --speculative-config '{\"method\": \"ngram\"}'",
+                   "--decode-args", "--max-num-seqs 8")
     assert list(cmds) == ["router", "prefill-0", "prefill-1", "decode-0", "decode-1", "decode-2"]
     assert cmds["router"] == [PY, "-m", "router", "--model", "/models/tiny-llama/", "--served-model-name", "tiny-llama",
                               "--host", "10.1.2.3", "--port", "9000", "--control-port", "9100"]
@@ -269,13 +270,16 @@ def test_dry_run_from_flags(capsys, monkeypatch):
                                  "--model", "/models/tiny-llama/", "--served-model-name", "tiny-llama",
                                  "--host", "10.1.2.3", "--kv-transport", "zmq",
                                  "--threads", "3", "--name", "prefill-1",
-                                 "--max-num-batched-tokens", "4096", "--note", "a b"]
+                                 "--max-num-batched-tokens", "4096", "--speculative-config", '{"method": "ngram"}']
     assert cmds["decode-2"][:3] == [PY, "-m", "decode_worker"]
     assert cmds["decode-2"][-4:] == ["--name", "decode-2", "--max-num-seqs", "8"]
     assert flag(cmds["decode-2"], "--threads") == "3"  # 16 cores // 5 workers
     # each tensor-parallel rank is a process of its own: 2 x 2 prefill ranks + 3 decode workers share 16 cores
     cmds = dry_run(capsys, "--prefill-workers", "2", "--decode-workers", "3",
                    "--prefill-args", "--tensor-parallel-size 2")
+    assert flag(cmds["decode-2"], "--threads") == "2"
+    cmds = dry_run(capsys, "--prefill-workers", "2", "--decode-workers", "3",
+                   "--prefill-args=--tensor-parallel-size=2")
     assert flag(cmds["decode-2"], "--threads") == "2"
 
 
@@ -354,6 +358,48 @@ def test_bad_spec_files_are_refused(tmp_path, capsys, text):
     with pytest.raises(SystemExit) as e:
         launch.main(["--dry-run", "--config", str(spec)])
     assert e.value.code == 2
+
+
+@pytest.mark.parametrize("where", ["flag", "file"])
+def test_a_flag_the_workers_would_refuse_is_a_launcher_error_before_anything_starts(where, tmp_path, capsys,
+                                                                                     monkeypatch):
+    monkeypatch.setattr(Supervisor, "_spawn", lambda self, child: pytest.fail("nothing may start"))
+    spec = tmp_path / "spec.toml"
+    spec.write_text('[decode]\nargs = ["--max-num-seqs", "8", "--note", "a b"]\n')
+    argv = ["--decode-args", "--max-num-seqs 8 --note 'a b'"] if where == "flag" else ["--config", str(spec)]
+    with pytest.raises(SystemExit) as e:
+        launch.main(argv)
+    assert e.value.code == 2
+    assert "decode worker flags" in (err := capsys.readouterr().err) and "unrecognized arguments: --note a b" in err
+    for bad, message in [("--max-num-seqs eight", "argument --max-num-seqs: invalid int value: 'eight'"),
+                         ("--decode-mode fast", "argument --decode-mode: invalid choice: 'fast'"),
+                         ("--speculative-config '{nope'", "argument --speculative-config: invalid loads value")]:
+        with pytest.raises(SystemExit):
+            launch.main(["--dry-run", "--prefill-args", bad])
+        assert message in capsys.readouterr().err
+    # the decode role's own flags are known to its parser only
+    assert dry_run(capsys, "--decode-args", "--kv-lease 5")["decode-0"][-2:] == ["--kv-lease", "5"]
+    with pytest.raises(SystemExit):
+        launch.main(["--dry-run", "--prefill-args", "--kv-lease 5"])
+    assert "prefill worker flags" in capsys.readouterr().err
+
+
+def test_bad_spec_file_errors_name_the_file_and_the_key(tmp_path, capsys):
+    spec = tmp_path / "bad.toml"
+    for text, message in [('port = "8000"', "Expected `int`, got `str` - at `$.port`"),
+                          ('[decode]\nworkrs = 2', "unknown field `workrs` - at `$.decode`"),
+                          ('threads_per_worker = true', "Expected `int | null`, got `bool`"),
+                          ('[prefill]\nargs = [1]', "at `$.prefill.args[0]`")]:
+        spec.write_text(text + "\n")
+        with pytest.raises(SystemExit):
+            launch.main(["--dry-run", "--config", str(spec)])
+        assert f"{spec}: " in (err := capsys.readouterr().err) and message in err, err
+
+
+def test_deploy_imports_without_torch():
+    code = "import sys; sys.modules['torch'] = None; import deploy.launch, deploy.spec, deploy.supervisor"
+    done = subprocess.run([PY, "-c", code], cwd=REPO, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
 
 
 def test_shipped_specs_load(capsys):

@@ -1,0 +1,121 @@
+"""The cluster spec: the TOML file's keys as typed structs (a wrong key or type is an error naming it and the
+file), and the spec the launcher resolves from it and its flags, each role's worker flags parsed.
+
+    model = "SmolLM2-135M-Instruct"    # host, port, control_port, kv_transport, threads_per_worker
+    [prefill]
+    workers = 1
+    args = "--tensor-parallel-size 2"  # or a list of strings: extra flags for every worker of the role
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+from typing import Literal
+
+import msgspec
+
+from common.cluster.flags import KV_TRANSPORTS, engine_kwargs, worker_parser
+from common.engine_args import EngineArgs
+from common.names import DEFAULT_MODEL
+
+ROLES = ("prefill", "decode")
+
+
+class RoleFile(msgspec.Struct, forbid_unknown_fields=True):
+    """[prefill] / [decode]: how many workers of the role, and extra flags for every one of them."""
+    workers: int = 1
+    args: str | list[str] = ""  # one string, split as a shell would, or the flags one by one
+
+    def argv(self) -> list[str]:
+        return shlex.split(self.args) if isinstance(self.args, str) else list(self.args)
+
+
+class ClusterSpecFile(msgspec.Struct, forbid_unknown_fields=True):
+    """A spec file's keys, each defaulting to the built-in value; the launcher's flags of the same names (and
+    --prefill-workers / --prefill-args for [prefill] workers / args) override them."""
+    model: str = DEFAULT_MODEL
+    host: str = "127.0.0.1"
+    port: int = 8000
+    control_port: int | None = None  # port + 100
+    kv_transport: Literal[KV_TRANSPORTS] = "auto"
+    threads_per_worker: int | None = None  # cpu_count // the processes of the workers
+    prefill: RoleFile = msgspec.field(default_factory=RoleFile)
+    decode: RoleFile = msgspec.field(default_factory=RoleFile)
+
+    def overridden(self, flags: dict) -> ClusterSpecFile:
+        """These values with every flag that was given (not None) in their place."""
+        def given(struct, prefix: str = ""):
+            return {key: flags[prefix + key] for key in struct.__struct_fields__
+                    if flags.get(prefix + key) is not None}
+
+        roles = {role: msgspec.structs.replace(getattr(self, role), **given(getattr(self, role), f"{role}_"))
+                 for role in ROLES}
+        return msgspec.structs.replace(self, **given(self), **roles)
+
+
+def load_spec_file(path: str) -> ClusterSpecFile:
+    with open(path, "rb") as f:
+        data = f.read()
+    try:
+        return msgspec.toml.decode(data, type=ClusterSpecFile)
+    except msgspec.DecodeError as e:  # a ValidationError names the key: "Expected `int`, got `str` - at `$.port`"
+        raise ValueError(f"{path}: {e}") from None
+
+
+class Role(msgspec.Struct):
+    workers: int
+    args: list[str]  # passed on to every worker of the role as they are
+    engine: EngineArgs  # what they set
+
+
+class Spec(msgspec.Struct):
+    """What the launcher starts: every value resolved."""
+    model: str
+    host: str
+    port: int
+    control_port: int
+    kv_transport: str
+    threads_per_worker: int
+    prefill: Role
+    decode: Role
+
+    def roles(self) -> list[tuple[str, Role]]:
+        return [(role, getattr(self, role)) for role in ROLES]
+
+
+def resolve(values: ClusterSpecFile) -> Spec:
+    """The spec these values give: per-role flags parsed, the control port and the thread count filled in."""
+    roles = {}
+    for role in ROLES:
+        part = getattr(values, role)
+        roles[role] = Role(part.workers, part.argv(), parse_role_args(role, part.argv()))
+    if any(role.workers < 0 for role in roles.values()):
+        raise ValueError("worker counts cannot be negative")
+    threads = values.threads_per_worker
+    if threads is None:
+        # a worker with --tensor-parallel-size N runs N processes, each with the worker's thread count
+        processes = sum(role.workers * role.engine.tensor_parallel_size for role in roles.values())
+        threads = max(1, (os.cpu_count() or 1) // max(1, processes))
+    if threads < 1:
+        raise ValueError("threads_per_worker must be >= 1")
+    control_port = values.port + 100 if values.control_port is None else values.control_port
+    return Spec(model=values.model, host=values.host, port=values.port, control_port=control_port,
+                kv_transport=values.kv_transport, threads_per_worker=threads, **roles)
+
+
+class _RaisingParser(argparse.ArgumentParser):
+    def error(self, message: str):
+        raise ValueError(message)
+
+
+def parse_role_args(role: str, args: list[str]) -> EngineArgs:
+    """The engine options a `role` worker started with these extra flags has; a flag it would refuse is a
+    ValueError here, before anything starts."""
+    parser = worker_parser(role, _RaisingParser(prog=f"python -m {role}_worker", add_help=False))
+    try:
+        # the launcher gives every worker its --router itself (and --model, --host, ... before these flags)
+        parsed = parser.parse_args(["--router", "", *args])
+    except ValueError as e:
+        raise ValueError(f"{role} worker flags {shlex.join(args)!r}: {e}") from None
+    return EngineArgs(**engine_kwargs(parsed))

@@ -1,0 +1,110 @@
+"""common/cluster/flags.py: the engine flags generated from EngineArgs, the engine arguments they give, and the
+worker command line's independence from torch."""
+from __future__ import annotations
+
+import dataclasses
+import os
+import subprocess
+import sys
+
+import pytest
+
+from common.cluster.flags import engine_kwargs, worker_parser
+from common.engine_args import EngineArgs
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+FIELDS = {f.name: f for f in dataclasses.fields(EngineArgs)}
+
+# a value other than the default for every field: (the flag's words, what engine_kwargs gives for them)
+CHANGED = {
+    "model": (["--model", "/models/tiny"], "/models/tiny"),
+    "dtype": (["--dtype", "bfloat16"], "bfloat16"),
+    "block_size": (["--block-size", "32"], 32),
+    "max_num_seqs": (["--max-num-seqs", "8"], 8),
+    "max_num_batched_tokens": (["--max-num-batched-tokens", "512"], 512),
+    "max_model_len": (["--max-model-len", "1024"], 1024),
+    "num_kv_blocks": (["--num-kv-blocks", "64"], 64),
+    "kv_cache_memory_gb": (["--kv-cache-memory-gb", "0.25"], 0.25),
+    "enable_prefix_caching": (["--no-prefix-caching"], False),
+    "seed": (["--seed", "7"], 7),
+    "speculative_config": (["--speculative-config", '{"method": "ngram", "num_speculative_tokens": 3}'],
+                           {"method": "ngram", "num_speculative_tokens": 3}),
+    "device": (["--device", "cuda:1"], "cuda:1"),
+    "decode_mode": (["--decode-mode", "compile"], "compile"),
+    "tensor_parallel_size": (["--tensor-parallel-size", "2"], 2),
+    "enable_expert_parallel": (["--enable-expert-parallel"], True),
+    "threads": (["--threads", "3"], 3),
+}
+
+
+def parse(*argv: str, role: str = "prefill"):
+    return worker_parser(role).parse_args(["--router", "127.0.0.1:8100", *argv])
+
+
+def test_every_engine_option_has_a_flag_with_its_help():
+    assert set(CHANGED) == set(FIELDS)
+    flags = {a.dest: a for a in worker_parser("prefill")._actions}
+    for name, f in FIELDS.items():
+        assert name in flags, name
+        assert flags[name].help == f.metadata["help"] and f.metadata["help"]
+        assert flags[name].option_strings == [f.metadata.get("flag", "--" + name.replace("_", "-"))]
+
+
+def test_no_flags_give_the_defaults_of_engine_args():
+    assert engine_kwargs(parse()) == dataclasses.asdict(EngineArgs())
+    assert EngineArgs(**engine_kwargs(parse())) == EngineArgs()
+    # the worker flags kept their defaults
+    assert (EngineArgs().block_size, EngineArgs().max_num_seqs, EngineArgs().max_num_batched_tokens) == (16, 256, 2048)
+    assert (EngineArgs().dtype, EngineArgs().decode_mode, EngineArgs().kv_cache_memory_gb) == ("auto", "auto", 1.0)
+    assert EngineArgs().enable_prefix_caching and not EngineArgs().enable_expert_parallel
+    assert (EngineArgs().tensor_parallel_size, EngineArgs().threads, EngineArgs().model) == (1, 0, None)
+
+
+@pytest.mark.parametrize("name", list(CHANGED))
+def test_each_flag_reaches_engine_kwargs(name):
+    words, value = CHANGED[name]
+    kwargs = engine_kwargs(parse(*words))
+    assert kwargs[name] == value and type(kwargs[name]) is type(value)
+    assert kwargs[name] != getattr(EngineArgs(), name)
+    # and only that one
+    assert {k: v for k, v in kwargs.items() if k != name} == \
+           {k: v for k, v in dataclasses.asdict(EngineArgs()).items() if k != name}
+
+
+def test_all_flags_at_once_and_the_rest_of_the_worker_line():
+    args = parse(*(w for words, _ in CHANGED.values() for w in words), "--kv-transport", "zmq", "--name", "p",
+                 "--kv-lease", "5", role="decode")
+    assert engine_kwargs(args) == {name: value for name, (_, value) in CHANGED.items()}
+    assert (args.router, args.kv_transport, args.name, args.kv_lease, args.max_pending) == \
+           ("127.0.0.1:8100", "zmq", "p", 5.0, None)
+    assert (args.host, args.advertise_host, args.served_model_name, args.log_level) == \
+           ("127.0.0.1", None, None, "info")
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--dtype", "int8"], "argument --dtype: invalid choice: 'int8'"),
+    (["--decode-mode", "cuda_graph"], "argument --decode-mode: invalid choice: 'cuda_graph'"),
+    (["--kv-transport", "rdma"], "argument --kv-transport: invalid choice: 'rdma'"),
+    (["--speculative-config", "{method: ngram}"], "argument --speculative-config: invalid loads value"),
+    (["--block-size", "1.5"], "argument --block-size: invalid int value: '1.5'"),
+    (["--enable-prefix-caching"], "unrecognized arguments: --enable-prefix-caching"),
+    (["--kv-lease", "5"], "unrecognized arguments: --kv-lease 5"),  # a decode worker's flag
+])
+def test_bad_values_are_refused_by_argparse(argv, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        parse(*argv)
+    assert e.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_the_worker_flags_import_without_torch():
+    code = ("import sys\n"
+            "sys.modules['torch'] = None  # import torch now raises ImportError\n"
+            "import common.cluster.flags, common.engine_args\n"
+            "assert 'torch' not in [m for m, v in sys.modules.items() if v is not None]\n"
+            "try:\n"
+            "    import torch\n"
+            "except ImportError:\n"
+            "    print('ok')\n")
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
+    assert done.returncode == 0 and done.stdout == "ok\n", done.stderr
