@@ -342,7 +342,7 @@ def run_colocated(config: BenchConfig | Mapping[str, Any]) -> dict[str, Any]:
                                     kv_cache_memory_gb=1.0, seed=cfg.seed))
     tokenizer = AutoTokenizer.from_pretrained(engine.config.model)
 
-    def encode(prompt: str) -> list[int]:  # what router/app.py does with a one-message chat request
+    def encode(prompt: str) -> list[int]:  # what router/serving_chat.py does with a one-message chat request
         text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
                                              tokenize=False)
         return tokenizer.encode(text, add_special_tokens=False)
