@@ -88,9 +88,9 @@ def test_pool_holds_only_latent_and_rope_key(deepseek_dirs):
     runner = llm.engine.runner
     per_token = cfg.num_layers * width * 4  # float32, one plane
     assert runner.kv.num_blocks == 2**20 // (per_token * 16)
-    assert runner.kv_pool.shape == (1, cfg.num_layers, runner.kv.num_blocks, 16, 1, width)
-    assert runner.kv_pool.nbytes == runner.kv.num_blocks * 16 * per_token
-    layout = KVLayout.from_pool(runner.kv_pool, "m")
+    assert runner.kv.pool.shape == (1, cfg.num_layers, runner.kv.num_blocks, 16, 1, width)
+    assert runner.kv.pool.nbytes == runner.kv.num_blocks * 16 * per_token
+    layout = KVLayout.from_pool(runner.kv.pool, "m")
     assert layout.kinds == ("paged_latent",) * cfg.num_layers and layout.block_bytes == 16 * per_token
 
 

@@ -133,11 +133,11 @@ def test_pools(model_dir):
     num_linear = CFG.num_layers - CFG.num_layers // CFG.full_attention_interval
     runner = make_llm(model_dir, kv_cache_memory_gb=2**-10, block_size=16).engine.runner  # 1 MiB
     kv_block = 2 * (CFG.num_layers - num_linear) * 16 * CFG.num_kv_heads * CFG.head_dim * 4
-    assert runner.num_blocks == 2**20 // (kv_block + num_linear * per_layer * 4)
-    assert runner.kv_pool.shape == (2, CFG.num_layers - num_linear, runner.num_blocks, 16, CFG.num_kv_heads,
+    assert runner.kv.num_blocks == 2**20 // (kv_block + num_linear * per_layer * 4)
+    assert runner.kv.pool.shape == (2, CFG.num_layers - num_linear, runner.kv.num_blocks, 16, CFG.num_kv_heads,
                                     CFG.head_dim)
-    assert runner.state_pool.shape == (runner.num_blocks, num_linear * per_layer)
-    assert runner.state_pool.dtype == torch.float32 and runner.decode_mode == "eager"
+    assert runner.kv.state_pool.shape == (runner.kv.num_blocks, num_linear * per_layer)
+    assert runner.kv.state_pool.dtype == torch.float32 and runner.decode_mode == "eager"
 
 
 @pytest.mark.slow
@@ -149,8 +149,8 @@ def test_cluster_1p1d_serves_like_offline(transport, model_dir):
 
     with cluster_serving_like_offline(str(model_dir), transport) as (c, llm, ps):
         runner = llm.engine.runner
-        block_bytes = runner.kv_pool[:, :, 0].numel() * runner.kv_pool.element_size()
-        state_bytes = runner.state_pool.shape[1] * runner.state_pool.element_size()
+        block_bytes = runner.kv.pool[:, :, 0].numel() * runner.kv.pool.element_size()
+        state_bytes = runner.kv.state_pool.shape[1] * runner.kv.state_pool.element_size()
         # the byte counter holds whole blocks plus one state slot per request
         sent = lambda: metric_value(c.get("/metrics")[1].decode(), "nano_pd:kv_transfer_bytes_total")  # noqa: E731
         c.wait_for(lambda: sent() > len(ps) * state_bytes, "every KV push in /metrics", 10)
