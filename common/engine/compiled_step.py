@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from common.layers.attention import AttentionMetadata
+from common.layers.attention import AttentionMetadata, KernelInputs
 
 MODES = ("auto", "eager", "compile", "cuda_graph")
 
@@ -69,9 +69,10 @@ class CompiledDecode:
         else:
             raise ValueError(f"unknown compiled decode mode {mode!r}")
 
-    def _forward(self, input_ids, positions, slot_mapping, block_tables, mask):
+    def _forward(self, input_ids, positions, slot_mapping, block_tables, mask, kernel_tables, context_lens):
+        kernel = None if context_lens is None else KernelInputs(kernel_tables, context_lens, None, None, None)
         meta = AttentionMetadata(slot_mapping=slot_mapping, num_decode=input_ids.shape[0],
-                                 decode_block_tables=block_tables, decode_mask=mask, opaque=True)
+                                 decode_block_tables=block_tables, decode_mask=mask, opaque=True, kernel=kernel)
         return self.model(input_ids, positions, meta)
 
     def supports(self, meta: AttentionMetadata) -> bool:
@@ -79,11 +80,13 @@ class CompiledDecode:
 
     def __call__(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         if self.mode == "compile":
-            tables, mask = meta.decode_block_tables, meta.decode_mask
+            tables, mask, kin = meta.decode_block_tables, meta.decode_mask, meta.kernel
+            kernel_tables, lens = (kin.decode_block_tables, kin.decode_context_lens) if kin else (None, None)
             if tables.shape[1] == 1:  # dynamo specialises size-1 dims: a one-block context would get its own graph
                 tables = F.pad(tables, (0, 1))
                 mask = F.pad(mask, (0, self.block_size))
-            return self._compiled(input_ids, positions, meta.slot_mapping, tables, mask)
+                kernel_tables = None if kernel_tables is None else F.pad(kernel_tables, (0, 1))
+            return self._compiled(input_ids, positions, meta.slot_mapping, tables, mask, kernel_tables, lens)
         return self._replay(input_ids, positions, meta)
 
     # --- CUDA graphs --------------------------------------------------------------------------------------------

@@ -3,11 +3,13 @@ import logging
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 
 from common.engine.compiled_step import CompiledDecode, prepack_linears, resolve_mode
 from common.engine.config import EngineConfig
 from common.engine.kv_cache import KVCache
-from common.layers.attention import AttentionMetadata, PrefillChunk
+from common.layers import paged_attention_cpu
+from common.layers.attention import AttentionMetadata, KernelInputs, PrefillChunk
 from common.engine.sampler import sample
 from common.models.loader import load_weights
 from common.layers.packed_linear import can_pack
@@ -49,6 +51,8 @@ class ModelRunner:
             torch.set_default_dtype(default_dtype)
         load_weights(self.model, config.model)
         self.model.eval()
+        if self.device.type == "cpu":
+            paged_attention_cpu.available()  # built or loaded now, not in the first step (nor while compiling)
         self.block_size = config.block_size
         has_state = hasattr(self.model, "state_layers") and bool(self.model.state_layers())
         self.decode_mode = resolve_mode(config.decode_mode, self.device)
@@ -111,6 +115,8 @@ class ModelRunner:
             table = tables[i, :-(-(cached + n) // bs)].to(dev) if cached else None
             meta.prefills.append(PrefillChunk(offset, offset + n, cached + n, table))
             offset += n
+        if dev.type == "cpu":
+            meta.kernel = self._kernel_inputs(tables, torch.tensor(starts) + counts_t, counts_t, len(decodes))
         # a sequence samples once all its tokens are computed; its logits come from its last token, and from each
         # draft position too when it verifies speculative tokens
         sample_rows, sample_seqs, sample_positions, offset = [], [], [], 0
@@ -123,6 +129,19 @@ class ModelRunner:
                 sample_positions.extend(range(seq.num_tokens - rows + 1, seq.num_tokens + 1))
         return (torch.tensor(input_ids, dtype=torch.long, device=dev), positions.to(dev), meta, sample_rows,
                 sample_seqs, sample_positions)
+
+    @staticmethod
+    def _kernel_inputs(tables: torch.Tensor, context_lens: torch.Tensor, counts: torch.Tensor,
+                       num_decode: int) -> KernelInputs:
+        """The paged-attention kernels' view of the batch (decode rows first, then the prefill chunks)."""
+        lens = context_lens.to(torch.int32)
+        chunks = counts[num_decode:]
+        return KernelInputs(
+            decode_block_tables=tables[:num_decode].to(torch.int32) if num_decode else None,
+            decode_context_lens=lens[:num_decode] if num_decode else None,
+            prefill_block_tables=tables[num_decode:].to(torch.int32) if len(chunks) else None,
+            cu_seqlens_q=F.pad(chunks.cumsum(0), (1, 0)).to(torch.int32) if len(chunks) else None,
+            prefill_context_lens=lens[num_decode:] if len(chunks) else None)
 
     def _forward(self, input_ids, positions, meta: AttentionMetadata) -> torch.Tensor:
         if self.decode_step is not None and self.decode_step.supports(meta):

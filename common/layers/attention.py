@@ -1,10 +1,13 @@
 """Attention over the paged KV cache (portable torch path; runs on CPU and GPU).
 
-New keys and values are written to their slots first, then every query attends through its block table. Decode
-queries (one new token each) run as one batched gather + SDPA, with the query heads of one KV head folded into
-the query-length dimension so grouped-query attention needs no repeated K/V. Prefill chunks run one sequence at a
-time: a chunk with no cached context uses its own fresh K/V with a causal mask, otherwise it reads its whole
-context back from the blocks.
+New keys and values are written to their slots first, then every query attends through its block table. On CPU
+(fp32/bf16) that is the C++ kernels of paged_attention_cpu.py, which read K/V where they lie in the pool: one call
+for all decode queries and one for all prefill chunks of a step, with the inputs the runner prepared once per step
+(AttentionMetadata.kernel). Elsewhere, or without a built kernel, the torch path: decode queries (one new token
+each) run as one batched gather + SDPA, with the query heads of one KV head folded into the query-length dimension
+so grouped-query attention needs no repeated K/V; prefill chunks run one sequence at a time: a chunk with no
+cached context uses its own fresh K/V with a causal mask, otherwise it reads its whole context back from the
+blocks.
 
 A decode-only batch run by a compiled step (`common/engine/compiled_step.py`) reaches the cache through one opaque custom
 op per layer: the compiler then neither traces the scattered cache writes (a traced in-place write into a view of
@@ -18,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from common.layers.paged_attention_cpu import paged_attention_decode, paged_attention_prefill, use_kernel
+
 
 @dataclass
 class PrefillChunk:
@@ -28,6 +33,16 @@ class PrefillChunk:
 
 
 @dataclass
+class KernelInputs:
+    """What the paged-attention kernels read, built once per step (int32, on the CPU)."""
+    decode_block_tables: torch.Tensor | None  # [num_decode, max_blocks]
+    decode_context_lens: torch.Tensor | None  # [num_decode]: tokens each decode query sees, its own included
+    prefill_block_tables: torch.Tensor | None  # [num_prefills, max_blocks]
+    cu_seqlens_q: torch.Tensor | None  # [num_prefills + 1]: where each chunk's queries start in the prefill part
+    prefill_context_lens: torch.Tensor | None  # [num_prefills]: cached tokens + the chunk's
+
+
+@dataclass
 class AttentionMetadata:
     slot_mapping: torch.Tensor  # [num_tokens] flat slot of each new token
     num_decode: int = 0  # the first num_decode tokens are single-token queries
@@ -35,6 +50,7 @@ class AttentionMetadata:
     decode_mask: torch.Tensor | None = None  # [num_decode, 1, 1, max_blocks * block_size], True = attend
     prefills: list[PrefillChunk] = field(default_factory=list)
     opaque: bool = False  # a compiled decode-only step: attend through the nano_pd::paged_decode op
+    kernel: KernelInputs | None = None  # set where the paged-attention kernels may run (CPU, kernel built)
 
 
 # layer id -> layer, so the custom op can find a layer's cache without the compiler seeing the cache tensors
@@ -53,14 +69,23 @@ class PagedAttention(nn.Module):
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         """q: [tokens, heads, head_dim]; k, v: [tokens, kv_heads, head_dim] -> [tokens, heads * head_dim]."""
+        kin = meta.kernel
+        tables, lens = (kin.decode_block_tables, kin.decode_context_lens) if kin is not None else (None, None)
         if meta.opaque:
             return torch.ops.nano_pd.paged_decode(q, k, v, self.layer_id, meta.slot_mapping,
-                                                  meta.decode_block_tables, meta.decode_mask)
+                                                  meta.decode_block_tables, meta.decode_mask, tables, lens)
         self.write(k, v, meta.slot_mapping)
         out = torch.empty_like(q)
         if meta.num_decode:
             n = meta.num_decode
-            out[:n] = self.decode(q[:n], meta.decode_block_tables, meta.decode_mask).view(n, self.num_heads, -1)
+            out[:n] = self.decode(q[:n], meta.decode_block_tables, meta.decode_mask, tables, lens).view(
+                n, self.num_heads, -1)
+        if meta.prefills and kin is not None and use_kernel(q, self.k_cache, self.v_cache):
+            start = meta.prefills[0].start
+            out[start:] = paged_attention_prefill(q[start:].contiguous(), self.k_cache, self.v_cache,
+                                                  kin.prefill_block_tables, kin.cu_seqlens_q, kin.prefill_context_lens,
+                                                  self.scale)
+            return out.flatten(1)
         kc, vc = self.k_cache, self.v_cache
         for chunk in meta.prefills:
             qp = q[chunk.start:chunk.end].transpose(0, 1).unsqueeze(0)  # [1, heads, chunk, d]
@@ -84,9 +109,14 @@ class PagedAttention(nn.Module):
         self.k_cache.view(-1, self.num_kv_heads, self.head_dim).index_copy_(0, slot_mapping, k)
         self.v_cache.view(-1, self.num_kv_heads, self.head_dim).index_copy_(0, slot_mapping, v)
 
-    def decode(self, q: torch.Tensor, block_tables: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """One query token per sequence, all sequences in one SDPA: [n, heads, d] -> [n, heads * d]."""
+    def decode(self, q: torch.Tensor, block_tables: torch.Tensor, mask: torch.Tensor,
+               kernel_tables: torch.Tensor | None = None, context_lens: torch.Tensor | None = None) -> torch.Tensor:
+        """One query token per sequence, all sequences in one kernel call (given the kernel's int32 tables and
+        context lengths) or one SDPA: [n, heads, d] -> [n, heads * d]."""
         n = q.shape[0]
+        if context_lens is not None and use_kernel(q, self.k_cache, self.v_cache):
+            return paged_attention_decode(q.contiguous(), self.k_cache, self.v_cache, kernel_tables, context_lens,
+                                          self.scale).view(n, -1)
         # [n, blocks, block_size, kv_heads, d] -> [n, kv_heads, context, d]
         ctx_k = self.k_cache[block_tables].flatten(1, 2).transpose(1, 2)
         ctx_v = self.v_cache[block_tables].flatten(1, 2).transpose(1, 2)
@@ -97,14 +127,15 @@ class PagedAttention(nn.Module):
 
 @torch.library.custom_op("nano_pd::paged_decode", mutates_args=())
 def paged_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer_id: int, slot_mapping: torch.Tensor,
-                 block_tables: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+                 block_tables: torch.Tensor, mask: torch.Tensor, kernel_tables: torch.Tensor | None,
+                 context_lens: torch.Tensor | None) -> torch.Tensor:
     # declared pure on purpose: the cache it writes is reached through the layer id, and the op's output feeds the
     # next layer, so the compiler can neither drop nor reorder it
     layer = _LAYERS[layer_id]
     layer.write(k, v, slot_mapping)
-    return layer.decode(q, block_tables, mask)
+    return layer.decode(q, block_tables, mask, kernel_tables, context_lens)
 
 
 @paged_decode.register_fake
-def _(q, k, v, layer_id, slot_mapping, block_tables, mask):
+def _(q, k, v, layer_id, slot_mapping, block_tables, mask, kernel_tables, context_lens):
     return q.new_empty(q.shape[0], q.shape[1] * q.shape[2])

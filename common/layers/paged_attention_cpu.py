@@ -47,6 +47,7 @@ _ISA_FLAGS = {
 }
 _BASE_FLAGS = ["-O3", "-fopenmp", "-ffp-contract=fast", "-fno-math-errno"]
 
+STALE_LOCK_S = 300  # a cold build takes ~30 s on 2 cores
 _lock = threading.Lock()
 _state: bool | None = None  # None: not tried yet
 _info: dict = {}
@@ -115,8 +116,13 @@ def _load() -> bool:
         _info.update(isa=isa, flags=cflags, name=name, path=str(lib))
         loaded = False
         # the name pins source, flags and torch, so a finished build is current; while another process builds
-        # (its lock file exists) cpp_extension.load below waits for it
-        if lib.exists() and not (build_dir / "lock").exists():
+        # (its lock file exists) cpp_extension.load below waits for it, unless the lock is far older than a build
+        # takes: its builder died (a killed process), and waiting would be forever
+        lock = build_dir / "lock"
+        if lock.exists() and time.time() - lock.stat().st_mtime > STALE_LOCK_S:
+            log.warning("removing the stale build lock %s", lock)
+            lock.unlink(missing_ok=True)
+        if lib.exists() and not lock.exists():
             try:
                 torch.ops.load_library(str(lib))
                 loaded, _info["built"] = True, False
@@ -166,7 +172,8 @@ def _register_fakes():
         return q.new_empty(q.shape)
 
 
-def _use_kernel(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> bool:
+def use_kernel(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> bool:
+    """Whether the C++ kernels take these tensors (CPU, fp32/bf16, unit-stride rows, a build loaded)."""
     return (q.device.type == "cpu" and q.dtype in (torch.float32, torch.bfloat16)
             and k_cache.dtype == q.dtype and v_cache.dtype == q.dtype
             and q.stride(-1) == 1 and k_cache.stride(-1) == 1 and v_cache.stride(-1) == 1
@@ -180,7 +187,7 @@ def _i32(t: torch.Tensor) -> torch.Tensor:
 def paged_attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                            block_tables: torch.Tensor, context_lens: torch.Tensor, scale: float) -> torch.Tensor:
     """One query token per sequence attending to its first context_lens cached tokens: [n, H, D] -> [n, H, D]."""
-    if _use_kernel(q, k_cache, v_cache):
+    if use_kernel(q, k_cache, v_cache):
         return torch.ops.nano_pd.paged_attention_decode(q, k_cache, v_cache, _i32(block_tables), _i32(context_lens),
                                                         float(scale))
     return paged_attention_decode_ref(q, k_cache, v_cache, block_tables, context_lens, scale)
@@ -190,7 +197,7 @@ def paged_attention_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
                             block_tables: torch.Tensor, cu_seqlens_q: torch.Tensor, context_lens: torch.Tensor,
                             scale: float) -> torch.Tensor:
     """Causal attention of all prefill chunks at once, keys read from the cache: [T, H, D] -> [T, H, D]."""
-    if _use_kernel(q, k_cache, v_cache):
+    if use_kernel(q, k_cache, v_cache):
         return torch.ops.nano_pd.paged_attention_prefill(q, k_cache, v_cache, _i32(block_tables), _i32(cu_seqlens_q),
                                                          _i32(context_lens), float(scale))
     return paged_attention_prefill_ref(q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, scale)
