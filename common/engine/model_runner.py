@@ -115,7 +115,7 @@ class ModelRunner:
             table = tables[i, :-(-(cached + n) // bs)].to(dev) if cached else None
             meta.prefills.append(PrefillChunk(offset, offset + n, cached + n, table))
             offset += n
-        if dev.type == "cpu":
+        if dev.type == "cpu" and paged_attention_cpu.available():  # else no step pays for inputs nothing reads
             meta.kernel = self._kernel_inputs(tables, torch.tensor(starts) + counts_t, counts_t, len(decodes))
         # a sequence samples once all its tokens are computed; its logits come from its last token, and from each
         # draft position too when it verifies speculative tokens
