@@ -1,4 +1,4 @@
-"""Attention over the paged KV cache (portable torch path; runs on CPU and GPU).
+"""Attention over the paged KV cache: C++ kernels on CPU, the portable torch path elsewhere and as the fallback.
 
 New keys and values are written to their slots first, then every query attends through its block table. On CPU
 (fp32/bf16) that is the C++ kernels of paged_attention_cpu.py, which read K/V where they lie in the pool: one call
