@@ -11,6 +11,11 @@ the lease runs out first the blocks are freed and the router retries the request
 quarantined until its data lands, the prefill worker reports the write failed, or the lease ends, because a
 write in flight could still land in those blocks; only a prefill worker declared dead frees its reservations
 at once.
+
+Not every prompt needs a prefill worker. A mixed worker (--role mixed) computes every prompt itself, and a decode
+worker does so when its own prefix cache leaves at most --local-prefill-max-tokens of it uncached (a multi-turn
+follow-up), where a hand-off would cost more than it saves: the sequence joins the running batch and the engine
+chunks its prefill beside the decodes under the token budget.
 """
 from __future__ import annotations
 
@@ -19,8 +24,8 @@ import logging
 from collections import deque
 
 from common.errors import InvalidRequestError
-from common.cluster.protocol import (DECODE, Abort, Admit, PeerGone, PrefillDone, PrefillTask, Rejected,
-                             TokenOutput, Tokens, WorkerLoad)
+from common.cluster.protocol import (DECODE, MIXED, Abort, Admit, PeerGone, PrefillDone, PrefillTask, Rejected,
+                                     TokenOutput, Tokens, WorkerLoad)
 from common.engine.sequence import Sequence
 from common.cluster.flags import engine_kwargs, setup_logging
 from common.cluster.runtime import WorkerRuntime
@@ -45,11 +50,14 @@ class Admission:
 
 class DecodeWorker:
     def __init__(self, args):
-        setup_logging(DECODE, args)
+        setup_logging(args.role, args)
         self.engine = LLMEngine(EngineConfig(**engine_kwargs(args)))
-        self.rt = WorkerRuntime(DECODE, args, self.engine, commands=Admit | Abort | PeerGone, inbox=PrefillDone)
-        self.transport = make_transport(args.kv_transport, **self.rt.transport_options())
-        self.kv_metadata = self.transport.metadata()
+        self.rt = WorkerRuntime(args.role, args, self.engine, commands=Admit | Abort | PeerGone, inbox=PrefillDone)
+        # a mixed worker exchanges no KV: no transport (NIXL's progress thread would spin a core for nothing)
+        self.transport = make_transport(args.kv_transport, **self.rt.transport_options()) \
+            if args.role == DECODE else None
+        self.kv_metadata = self.transport.metadata() if self.transport else b""
+        self.local_prefill_max_tokens = args.local_prefill_max_tokens
         self.lease_s = args.kv_lease
         self.max_pending = args.max_pending or 4 * args.max_num_seqs
         bm = self.engine.block_manager
@@ -57,6 +65,7 @@ class DecodeWorker:
         self.pending: deque[Admission] = deque()  # waiting for blocks
         self.reserved: dict[str, Admission] = {}  # blocks reserved, waiting for the KV and first token
         self.running: dict[str, Sequence] = {}
+        self.prefilling: set[str] = set()  # running, prefilled here, first token not sampled yet
         self.requests_done = 0
         self._outputs: list[TokenOutput] = []
 
@@ -65,7 +74,10 @@ class DecodeWorker:
                                    requests_done=self.requests_done)
 
     def run(self):
-        self.rt.start(self.transport.backend, self.transport.layout.compat_hash(), self.load)
+        if self.transport is None:
+            self.rt.start("none", "", self.load)
+        else:
+            self.rt.start(self.transport.backend, self.transport.layout.compat_hash(), self.load)
         self.rt.serve(self)
 
     # --- the loop's hooks (WorkerRuntime.serve) ---------------------------------------------------------------
@@ -73,7 +85,7 @@ class DecodeWorker:
         return bool(self.reserved)
 
     def step(self):
-        for result in self.transport.poll_received():
+        for result in self.transport.poll_received() if self.transport else ():
             if result.ok:
                 self._on_landed(result.transfer_id)
             else:
@@ -81,11 +93,17 @@ class DecodeWorker:
         self._admit()
         if self.engine.has_unfinished():
             for seq in self.engine.step():
-                self._emit(seq, seq.token_ids[-seq.num_new_tokens:])
+                if seq.request_id in self.prefilling:  # its first output: the prompt was computed here
+                    self.prefilling.discard(seq.request_id)
+                    self._emit(seq, seq.token_ids[-seq.num_new_tokens:], num_cached_tokens=seq.num_cached_tokens,
+                               local_prefill=True)
+                else:
+                    self._emit(seq, seq.token_ids[-seq.num_new_tokens:])
         self._flush()
 
     def close(self):
-        self.transport.close()
+        if self.transport is not None:
+            self.transport.close()
 
     # --- router commands ----------------------------------------------------------------------------------
     def on_command(self, cmd):
@@ -116,6 +134,7 @@ class DecodeWorker:
     def _abort(self, rid: str):
         if rid in self.running:
             self.engine.abort(self.running.pop(rid))
+            self.prefilling.discard(rid)
         elif rid in self.reserved:
             self.reserved[rid].aborted = True
             self._maybe_start(self.reserved[rid])  # frees it now if its data has already landed
@@ -127,7 +146,9 @@ class DecodeWorker:
 
     # --- admission and handoff ------------------------------------------------------------------------------
     def _admit(self):
-        while self.pending:
+        scheduler = self.engine.scheduler
+        while self.pending and len(scheduler.running) + len(scheduler.waiting) + len(self.reserved) \
+                < scheduler.max_num_seqs:
             adm = self.pending[0]
             # with nothing else holding blocks, a request may use all of them
             idle = not self.engine.has_unfinished() and not self.reserved
@@ -135,6 +156,11 @@ class DecodeWorker:
                 return
             self.pending.popleft()
             seq, bm = adm.seq, self.engine.block_manager
+            if not adm.msg.prefill_worker or seq.num_tokens - seq.num_computed_tokens <= self.local_prefill_max_tokens:
+                self.engine.start_prefill(seq)
+                self.running[seq.request_id] = seq
+                self.prefilling.add(seq.request_id)
+                continue
             skip = seq.num_computed_tokens // bm.block_size
             self.reserved[seq.request_id] = adm
             adm.dst_block_ids = seq.block_table[skip:]

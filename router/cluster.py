@@ -1,7 +1,7 @@
 """Each request's life across workers: the control socket, dispatch, migration, rejection, outputs, abort, n > 1.
 
 A request is sent as an *attempt* (id "<request id>#<n>") to one decode worker, naming the prefill worker that
-will fill its KV. Messages about an older attempt are ignored, so when a worker dies the router can simply start
+will fill its KV, or to a mixed worker, which computes the prompt itself. Messages about an older attempt are ignored, so when a worker dies the router can simply start
 a new attempt elsewhere with the prompt plus the tokens already streamed: the client's stream continues. Who the
 workers are and whether they live is router.registry's; which of them an attempt goes to, router.routing's.
 """
@@ -16,7 +16,8 @@ import msgspec
 import zmq
 import zmq.asyncio
 
-from common.cluster.protocol import (DECODE, PREFILL, Abort, Admit, Decoder, Heartbeat, KVTransferred, PeerGone,
+from common.block_hash import block_hashes
+from common.cluster.protocol import (MIXED, PREFILL, Abort, Admit, Decoder, Heartbeat, KVTransferred, PeerGone,
                                      Rejected, RouterInbound, TokenOutput, Tokens, encode)
 from common.sampling_params import SamplingParams
 from router import routing
@@ -28,7 +29,12 @@ MAX_ATTEMPTS = 5  # a request that lost this many workers fails instead of chasi
 
 
 class ClusterError(Exception):
-    """The cluster cannot serve the request (no live worker of a role, all full, too many failures): a 503."""
+    """The cluster cannot serve the request (no live worker of a role, all full, too many failures): a 503, or
+    the status given (a request no worker could be sent)."""
+
+    def __init__(self, message: str, status: int = 503):
+        super().__init__(message)
+        self.status = status
 
 
 @dataclasses.dataclass
@@ -72,6 +78,7 @@ class Cluster:
             metrics.watch(self.registry)
         self.requests: dict[str, RequestState] = {}  # by attempt id
         self._decoder = Decoder(RouterInbound, "router control socket")
+        self.num_dropped_unknown = 0  # worker messages from sockets of no live worker
         self._sock: zmq.asyncio.Socket | None = None
         self._tasks: list[asyncio.Task] = []
 
@@ -105,20 +112,34 @@ class Cluster:
                     reply = self.registry.heartbeat(frames[0], msg)
                     if reply is not None:
                         await self._reply(frames[0], reply)
+                    continue
+                # the rest only from a live worker's events socket, and about that worker's own requests
+                sender = self.registry.sender(frames[0])
+                if sender is None:
+                    self._dropped_unknown_sender(type(msg).__name__)
                 elif isinstance(msg, Tokens):
                     for out in msg.outputs:
-                        await self._on_output(out)
+                        await self._on_output(out, sender)
                 elif isinstance(msg, Rejected):
-                    await self._on_rejected(msg)
+                    await self._on_rejected(msg, sender)
                 elif isinstance(msg, KVTransferred) and self.metrics:
                     self.metrics.kv_transfer_bytes.inc(msg.num_bytes)
                     self.metrics.kv_transfer_seconds.observe(msg.seconds)
             except Exception:  # one bad message must never take the router down
                 log.exception("error handling a %s message", type(msg).__name__)
 
+    def _dropped_unknown_sender(self, what: str):
+        self.num_dropped_unknown += 1
+        if self.num_dropped_unknown <= 10 or self.num_dropped_unknown % 1000 == 0:
+            log.warning("dropped a %s message from a socket that is no live worker's (%d so far)", what,
+                        self.num_dropped_unknown)
+
     async def _send(self, worker: Worker, msg: msgspec.Struct) -> bool:
+        return await self._send_encoded(worker, encode(msg))
+
+    async def _send_encoded(self, worker: Worker, data: bytes) -> bool:
         try:
-            await self._sock.send_multipart([worker.worker_id.encode(), encode(msg)])
+            await self._sock.send_multipart([worker.worker_id.encode(), data])
             return True
         except zmq.ZMQError as e:
             log.warning("cannot reach %s (%s)", worker.worker_id, e)
@@ -167,38 +188,47 @@ class Cluster:
         try:
             await self._dispatch(req, wait_s=self.migrate_wait_s)
         except ClusterError as e:
-            self._fail(req, str(e))
+            self._fail(req, str(e), e.status)
 
-    def _route(self, req: RequestState) -> tuple[Worker | None, Worker | None, list[int]]:
-        """(decode worker, prefill worker, block hashes of what it prefills) for req's current attempt; a follower's
+    def _route(self, req: RequestState) -> tuple[Worker | None, Worker | None]:
+        """(decode or mixed worker, prefill worker: None for a mixed one) for req's current attempt; a follower's
         first attempt goes to its leader's workers while they live."""
         decode, prefill = req.preferred if req.attempt == 0 else (None, None)
+        tokens = req.prompt_ids + req.output_ids
         if decode is None or not decode.alive:
-            decode = routing.pick_decode(self.registry.alive(DECODE), req.rejected_by)
-        best, hashes = routing.pick_prefill(self.registry.alive(PREFILL), req.prompt_ids + req.output_ids)
+            decode = routing.pick_decode(self.registry.decoders(), req.rejected_by, tokens)
+        if decode is None or decode.info.role == MIXED:
+            return decode, None
         if prefill is None or not prefill.alive:
-            prefill = best
-        return decode, prefill, hashes
+            prefill, _ = routing.pick_prefill(self.registry.alive(PREFILL), tokens)
+        return decode, prefill
 
     async def _dispatch(self, req: RequestState, wait_s: float):
-        """Send req's current attempt to a decode worker, waiting up to wait_s for live workers of both roles."""
+        """Send req's current attempt to a decode worker (with a prefill worker) or a mixed one, waiting up to
+        wait_s for live workers to join."""
         deadline = time.monotonic() + wait_s
         while True:
-            decode, prefill, hashes = self._route(req)
-            if decode is not None and prefill is not None:
+            decode, prefill = self._route(req)
+            if decode is not None and (prefill is not None or decode.info.role == MIXED):
                 break
             if time.monotonic() >= deadline:
                 raise ClusterError(self.registry.missing_roles())
             await asyncio.sleep(0.1)
+        tokens = req.prompt_ids + req.output_ids
+        # built before anything is registered, so a request that cannot be encoded leaves nothing behind
+        try:
+            admit = encode(Admit(req.attempt_id, tokens, req.params, prefill.worker_id if prefill else "",
+                                 prefill.info.inbox if prefill else "", len(req.output_ids)))
+        except (OverflowError, msgspec.EncodeError) as e:  # the API checks ranges; this is the last line
+            raise ClusterError(f"the request cannot be sent to a worker: {e}", status=400) from None
         req.decode, req.prefill, req.in_prefill = decode, prefill, True
         self.requests[req.attempt_id] = req
-        for worker in (decode, prefill):
+        computes_prompt = prefill or decode
+        for worker in (decode, prefill) if prefill else (decode,):
             worker.inflight.add(req.attempt_id)
             worker.assigned += 1
-        routing.remember_prefix(prefill, hashes)
-        sent = await self._send(decode, Admit(req.attempt_id, req.prompt_ids + req.output_ids, req.params,
-                                              prefill.worker_id, prefill.info.inbox, len(req.output_ids)))
-        if not sent:
+        routing.remember_prefix(computes_prompt, block_hashes(tokens, computes_prompt.info.block_size))
+        if not await self._send_encoded(decode, admit):
             await self._declare_dead(decode, "its control socket is gone")
 
     def _detach(self, req: RequestState):
@@ -221,18 +251,18 @@ class Cluster:
         try:
             await self._dispatch(req, wait_s=self.migrate_wait_s)
         except ClusterError as e:
-            self._fail(req, f"{why}, and the request could not move: {e}")
+            self._fail(req, f"{why}, and the request could not move: {e}", e.status)
 
-    async def _on_rejected(self, msg: Rejected):
+    async def _on_rejected(self, msg: Rejected, sender: Worker):
         req = self.requests.get(msg.request_id)
-        if req is None or req.done:
+        if req is None or req.done or req.decode is not sender:
             return
         self._detach(req)
-        req.rejected_by.add(msg.worker_id)
+        req.rejected_by.add(sender.worker_id)
         asyncio.create_task(self._readmit(req))
 
     async def _readmit(self, req: RequestState):
-        if len(req.rejected_by) >= len(self.registry.alive(DECODE)):  # everyone is full: wait a little, ask again
+        if len(req.rejected_by) >= len(self.registry.decoders()):  # everyone is full: wait a little, ask again
             if time.monotonic() - req.arrival > self.admit_timeout_s:
                 return self._fail(req, "every decode worker is full; try again later")
             req.rejected_by.clear()
@@ -242,12 +272,12 @@ class Cluster:
         try:
             await self._dispatch(req, wait_s=0.0)
         except ClusterError as e:
-            self._fail(req, str(e))
+            self._fail(req, str(e), e.status)
 
-    async def _on_output(self, out: TokenOutput):
+    async def _on_output(self, out: TokenOutput, sender: Worker):
         req = self.requests.get(out.request_id)
-        if req is None or req.done:
-            return  # an older attempt, or an aborted request: the current attempt speaks for it
+        if req is None or req.done or req.decode is not sender:
+            return  # an older attempt, an aborted request, or not the sender's: the current attempt speaks for it
         if out.error is not None:
             if out.retryable:  # in a task: re-issuing may wait for workers, and this loop must keep receiving
                 asyncio.create_task(self._reissue(req, out.error))
@@ -255,7 +285,10 @@ class Cluster:
             return self._fail(req, out.error, status=400)
         if req.in_prefill:
             req.in_prefill = False
-            req.prefill.inflight.discard(req.attempt_id)
+            if req.prefill is not None:
+                req.prefill.inflight.discard(req.attempt_id)
+            if out.local_prefill and self.metrics:
+                self.metrics.local_prefills.labels(role=req.decode.info.role).inc()
             if not req.output_ids:  # the prefill of the client's prompt, not of a migration
                 req.num_cached_tokens = max(out.num_cached_tokens, 0)
             self._release_followers(req)

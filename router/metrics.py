@@ -12,7 +12,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from common.cluster.protocol import DECODE, PREFILL
+from common.cluster.protocol import ROLES
 
 # no "<name>_created" series next to each counter: the exposition stays what existing dashboards read
 prometheus_client.disable_created_metrics()
@@ -52,6 +52,10 @@ class RouterMetrics:
                                              buckets=TRANSFER_BUCKETS, registry=r)
         self.migrations = Counter("nano_pd:request_migrations_total",
                                   "Request attempts re-issued after a worker died or failed.", registry=r)
+        self.local_prefills = Counter("nano_pd:local_prefills_total",
+                                      "Prompts computed by the worker that decodes them (a mixed worker, or a decode "
+                                      "worker's short uncached tail) instead of a prefill worker.", ("role",),
+                                      registry=r)
         self.worker_deaths = Counter("nano_pd:worker_deaths_total", "Workers declared dead.", ("role",), registry=r)
         self.request_acceptance = Histogram(
             "nano_pd:request_spec_acceptance_rate", "Per finished request: accepted / proposed speculative tokens.",
@@ -122,7 +126,7 @@ class ClusterCollector(Collector):
             families["running"].add_metric(labels, load.num_running)
             families["waiting"].add_metric(labels, load.num_waiting)
             families["usage"].add_metric(labels, 1 - load.free_blocks / load.total_blocks if load.total_blocks else 0)
-        for role in (DECODE, PREFILL):
+        for role in ROLES:
             families["alive"].add_metric([role], sum(1 for w in live if w.info.role == role))
 
     def _totals(self, families: dict):
@@ -130,7 +134,7 @@ class ClusterCollector(Collector):
         loads = {role: [load] for role, load in self.workers.retired.items()}
         for w in self.workers.workers.values():
             loads[w.info.role].append(w.load)
-        for role in (DECODE, PREFILL):
+        for role in ROLES:
             families["queries"].add_metric([self.model_name, role], sum(x.prefix_cache_queries for x in loads[role]))
             families["hits"].add_metric([self.model_name, role], sum(x.prefix_cache_hits for x in loads[role]))
         every = [x for role in loads for x in loads[role]]

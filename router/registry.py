@@ -15,7 +15,8 @@ from typing import Awaitable, Callable
 
 import msgspec
 
-from common.cluster.protocol import DECODE, PREFILL, Heartbeat, Registered, WorkerInfo, WorkerLoad
+from common.cluster.protocol import (DECODE, MIXED, PREFILL, ROLES, Heartbeat, Registered, WorkerInfo, WorkerLoad,
+                                     events_identity)
 
 log = logging.getLogger("nano_pd.router")
 
@@ -43,17 +44,28 @@ class WorkerRegistry:
         self.model_name = model_name
         self.heartbeat_timeout_s = heartbeat_timeout_s
         self.workers: dict[str, Worker] = {}
-        self._reference: tuple[str, str] | None = None  # (kv transport, layout hash) every worker must share
+        # (kv transport, layout hash) every prefill and decode worker must share; mixed workers exchange no KV
+        self._reference: tuple[str, str] | None = None
         # cumulative counters of workers no longer listed, by role, so cluster totals never go down
-        self.retired = {PREFILL: WorkerLoad(), DECODE: WorkerLoad()}
+        self.retired = {role: WorkerLoad() for role in ROLES}
 
     # --- health ---------------------------------------------------------------------------------------------
     def alive(self, role: str) -> list[Worker]:
         return [w for w in self.workers.values() if w.alive and w.info.role == role]
 
+    def sender(self, identity: bytes) -> Worker | None:
+        """The live worker whose events socket has this identity (protocol.events_identity), or None."""
+        worker_id = identity.decode(errors="replace").removesuffix("/events")
+        worker = self.workers.get(worker_id)
+        return worker if worker is not None and worker.alive and identity == events_identity(worker_id) else None
+
+    def decoders(self) -> list[Worker]:
+        """The live workers an attempt can be sent to: mixed ones, and decode ones while a prefill worker lives."""
+        return (self.alive(DECODE) if self.alive(PREFILL) else []) + self.alive(MIXED)
+
     @property
     def healthy(self) -> bool:
-        return bool(self.alive(PREFILL)) and bool(self.alive(DECODE))
+        return bool(self.decoders())
 
     @property
     def max_model_len(self) -> int | None:
@@ -62,7 +74,9 @@ class WorkerRegistry:
 
     def missing_roles(self) -> str:
         missing = [r for r in (PREFILL, DECODE) if not self.alive(r)]
-        return f"no live {' or '.join(missing)} worker in the cluster" if missing else "cluster unavailable"
+        if not missing or self.alive(MIXED):
+            return "cluster unavailable"
+        return f"no live {' or '.join(missing)} worker in the cluster"
 
     # --- joining and heartbeats -----------------------------------------------------------------------------
     def heartbeat(self, identity: bytes, hb: Heartbeat) -> Registered | None:
@@ -80,7 +94,7 @@ class WorkerRegistry:
             log.error("refusing worker %s: %s", info.worker_id, error)
             return Registered(False, error)
         self.workers[info.worker_id] = Worker(info, hb.load, now)
-        if self._reference is None:
+        if self._reference is None and info.role != MIXED:
             self._reference = (info.kv_transport, info.kv_layout_hash)
         log.info("worker %s joined (%s, %d blocks, inbox %s)", info.worker_id, info.role, info.num_blocks,
                  info.inbox)
@@ -89,11 +103,11 @@ class WorkerRegistry:
     def registration_error(self, identity: bytes, info: WorkerInfo) -> str | None:
         if identity != info.worker_id.encode():
             return "heartbeats must come from the worker's control socket (identity = worker id)"
-        if info.role not in (PREFILL, DECODE):
+        if info.role not in ROLES:
             return f"unknown role {info.role!r}"
         if info.model != self.model_name:
             return f"the worker serves {info.model!r} but this router serves {self.model_name!r}"
-        if self._reference and (info.kv_transport, info.kv_layout_hash) != self._reference:
+        if info.role != MIXED and self._reference and (info.kv_transport, info.kv_layout_hash) != self._reference:
             return (f"KV transport/layout {info.kv_transport}/{info.kv_layout_hash} differs from the cluster's "
                     f"{self._reference[0]}/{self._reference[1]} (same model, dtype, block size and "
                     f"--kv-transport on every worker)")

@@ -3,23 +3,39 @@
 Decode: the worker with the fewest requests in flight, then the most free KV blocks, then the fewest ever
 assigned. Prefill: the worker holding the longest prefix of the prompt's blocks, as far as the router's shadow of
 its prefix cache knows, unless it has more than PREFIX_BALANCE_SLACK more requests in flight than the least busy
-one; then the least busy. The shadow is an LRU of the block hashes sent to each prefill worker, bounded by its
-number of KV blocks.
+one; then the least busy. The shadow is an LRU of the block hashes sent to each prefill (or mixed) worker, bounded
+by its number of KV blocks. A mixed worker, among the decode candidates, computes the prompt itself, so its cached
+prefix counts the same way.
 """
 from __future__ import annotations
 
 from collections.abc import Collection, Sequence
 
 from common.block_hash import block_hashes
+from common.cluster.protocol import MIXED
 from router.registry import Worker
 
 PREFIX_BALANCE_SLACK = 4  # a prefill worker with a longer cached prefix wins while it has at most this many more
 
 
-def pick_decode(workers: Sequence[Worker], rejected_by: Collection[str] = ()) -> Worker | None:
-    """The least loaded of the (live decode) workers that have not refused the attempt; None if none is left."""
+def pick_decode(workers: Sequence[Worker], rejected_by: Collection[str] = (),
+                token_ids: Sequence[int] = ()) -> Worker | None:
+    """The least loaded of the (live decode or mixed) workers that have not refused the attempt, a mixed one with
+    the longest cached prefix of token_ids first (within the slack); None if none is left."""
     candidates = [w for w in workers if w.worker_id not in rejected_by]
-    return min(candidates, key=lambda w: (len(w.inflight), -w.load.free_blocks, w.assigned), default=None)
+    if not candidates:
+        return None
+    least = min(len(w.inflight) for w in candidates)
+    hashes: dict[int, list[int]] = {}  # by block size
+
+    def cached(w: Worker) -> int:
+        if w.info.role != MIXED or not token_ids or len(w.inflight) > least + PREFIX_BALANCE_SLACK:
+            return 0
+        size = w.info.block_size
+        if size not in hashes:
+            hashes[size] = block_hashes(list(token_ids), size)
+        return cached_prefix_len(w, hashes[size])
+    return min(candidates, key=lambda w: (-cached(w), len(w.inflight), -w.load.free_blocks, w.assigned))
 
 
 def pick_prefill(workers: Sequence[Worker], token_ids: list[int]) -> tuple[Worker | None, list[int]]:

@@ -10,6 +10,12 @@ import typing
 from common.engine_args import EngineArgs
 
 KV_TRANSPORTS = ("auto", "nixl", "zmq")
+LOCAL_PREFILL_MAX_TOKENS = 64  # see README's serving table: below this a hand-off costs more than it saves
+
+
+def worker_module(role: str) -> str:
+    """The module a role's worker runs as (`python -m ...`); a mixed worker is a decode worker's --role."""
+    return "prefill_worker" if role == "prefill" else "decode_worker"
 
 
 def add_worker_args(ap: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -25,9 +31,17 @@ def add_worker_args(ap: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 
 def worker_parser(role: str, ap: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
-    """The whole command line of a `role` ("prefill" or "decode") worker, on `ap` or a parser of its own."""
-    ap = add_worker_args(ap or argparse.ArgumentParser(prog=f"python -m {role}_worker"))
-    if role == "decode":
+    """The whole command line of a `role` ("prefill", "decode" or "mixed") worker, on `ap` or a parser of its own;
+    a mixed worker is `python -m decode_worker --role mixed`."""
+    ap = add_worker_args(ap or argparse.ArgumentParser(prog=f"python -m {worker_module(role)}"))
+    if role in ("decode", "mixed"):
+        ap.add_argument("--role", choices=("decode", "mixed"), default=role,
+                        help="decode: prefill workers fill the KV; mixed: this worker prefills its requests too "
+                             "(one engine, prompt chunks batched with the decodes), no prefill worker needed")
+        ap.add_argument("--local-prefill-max-tokens", type=int, default=LOCAL_PREFILL_MAX_TOKENS,
+                        help="a decode worker prefills a request itself when at most this many of its prompt "
+                             "tokens are not in its own prefix cache (a multi-turn follow-up), instead of asking a "
+                             "prefill worker; 0: never")
         ap.add_argument("--kv-lease", type=float, default=60.0,
                         help="seconds reserved blocks wait for their KV before they are freed and the request retried")
         ap.add_argument("--max-pending", type=int, default=None,

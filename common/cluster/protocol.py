@@ -2,7 +2,8 @@
 
 Sockets (all ZeroMQ):
   router  ROUTER  <- worker DEALER "control" (identity = worker id): Heartbeat up; Registered/Admit/Abort/PeerGone down
-          ROUTER  <- worker DEALER "events" (no identity): Tokens, Rejected (decode), KVTransferred (prefill)
+          ROUTER  <- worker DEALER "events" (identity = events_identity(worker id)): Tokens, Rejected (decode),
+                     KVTransferred (prefill); the router takes them only from registered, live workers
   worker  PULL "inbox" <- peers' PUSH: PrefillTask (decode -> prefill), PrefillDone (prefill -> decode)
 
 Each socket has one decoder for the union of what may arrive on it; anything else is dropped and logged.
@@ -10,6 +11,7 @@ Each socket has one decoder for the union of what may arrive on it; anything els
 from __future__ import annotations
 
 import logging
+from typing import Annotated
 
 import msgspec
 
@@ -17,16 +19,17 @@ from common.sampling_params import SamplingParams
 
 log = logging.getLogger("nano_pd.protocol")
 
-PREFILL, DECODE = "prefill", "decode"
+PREFILL, DECODE, MIXED = "prefill", "decode", "mixed"  # a mixed worker prefills and decodes its own requests
+ROLES = (PREFILL, DECODE, MIXED)
 
 
 class WorkerInfo(msgspec.Struct, frozen=True):
     worker_id: str  # unique per process incarnation: a restarted worker is a new worker
-    role: str  # PREFILL | DECODE
+    role: str  # PREFILL | DECODE | MIXED
     model: str  # served model name; the router refuses workers of another model
     inbox: str  # tcp endpoint of the worker's PULL socket
-    kv_transport: str  # "nixl" | "zmq": prefill and decode workers must agree
-    kv_layout_hash: str  # KVLayout.compat_hash(): prefill and decode workers must agree
+    kv_transport: str  # "nixl" | "zmq": prefill and decode workers must agree ("none": a mixed worker)
+    kv_layout_hash: str  # KVLayout.compat_hash(): prefill and decode workers must agree ("" for a mixed worker)
     block_size: int
     num_blocks: int
     max_model_len: int
@@ -67,6 +70,7 @@ class TokenOutput(msgspec.Struct, array_like=True):
     # set on a request's last output: speculative tokens proposed for it on this worker, and how many were kept
     num_draft_tokens: int = 0
     num_accepted_tokens: int = 0
+    local_prefill: bool = False  # set on a request's first output: the decode worker computed the prompt itself
 
 
 class Tokens(msgspec.Struct, tag="tokens"):
@@ -76,8 +80,8 @@ class Tokens(msgspec.Struct, tag="tokens"):
 
 class KVTransferred(msgspec.Struct, tag="kv_transferred"):
     """Prefill worker -> router, for the metrics: one request's KV push completed."""
-    num_bytes: int
-    seconds: float
+    num_bytes: Annotated[int, msgspec.Meta(ge=0)]
+    seconds: Annotated[float, msgspec.Meta(ge=0)]
 
 
 class Rejected(msgspec.Struct, tag="rejected"):
@@ -94,12 +98,13 @@ class Registered(msgspec.Struct, tag="registered"):
 
 
 class Admit(msgspec.Struct, tag="admit"):
-    """Router -> decode worker: reserve blocks for token_ids and have prefill_worker fill them."""
+    """Router -> decode or mixed worker: reserve blocks for token_ids and have prefill_worker fill them, or, with no
+    prefill_worker (a mixed worker) or a short uncached tail (--local-prefill-max-tokens), prefill them here."""
     request_id: str
     token_ids: list[int]  # the prompt, plus the tokens already streamed when a request migrates
     params: SamplingParams
-    prefill_worker: str
-    prefill_inbox: str
+    prefill_worker: str = ""
+    prefill_inbox: str = ""
     num_generated: int = 0  # how many of token_ids are output already streamed (they count against max_tokens)
 
 
@@ -137,6 +142,11 @@ class PrefillDone(msgspec.Struct, tag="prefill_done"):
 
 
 RouterInbound = Heartbeat | Tokens | Rejected | KVTransferred
+
+
+def events_identity(worker_id: str) -> bytes:
+    """The identity of a worker's events socket (its control socket's is the worker id itself)."""
+    return f"{worker_id}/events".encode()
 
 _encoder = msgspec.msgpack.Encoder()
 encode = _encoder.encode

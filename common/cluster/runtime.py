@@ -20,7 +20,7 @@ import msgspec
 import zmq
 
 from common.names import served_model_name
-from common.cluster.protocol import Decoder, Heartbeat, Registered, WorkerInfo, WorkerLoad, encode
+from common.cluster.protocol import Decoder, Heartbeat, Registered, WorkerInfo, WorkerLoad, encode, events_identity
 
 HEARTBEAT_INTERVAL_S = 0.5
 log = logging.getLogger("nano_pd.worker")
@@ -50,6 +50,7 @@ class WorkerRuntime:
         self.inbox = self._socket(zmq.PULL)
         self.inbox_endpoint = f"tcp://{self.advertise_host}:{self.inbox.bind_to_random_port('tcp://' + args.host)}"
         self.events = self._socket(zmq.DEALER)  # Tokens / Rejected up to the router
+        self.events.setsockopt(zmq.IDENTITY, events_identity(self.worker_id))
         self.events.connect(self.router_endpoint)
         self.commands = self._socket(zmq.PULL)
         self.commands.bind("inproc://commands")

@@ -3,7 +3,8 @@
 The same core serves every role. Colocated (the offline LLM, and the baseline that disaggregation is measured
 against) uses add_request + step. A prefill worker also uses hold_finished: a sequence that has sampled its first
 token keeps its blocks until release(), because the KV transfer still reads them. A decode worker reserves blocks
-for a request before any prefill is spent (reserve), then starts decoding once the KV has landed (start_decoding).
+for a request before any prefill is spent (reserve), then starts decoding once the KV has landed (start_decoding),
+or computes the prompt itself (start_prefill: a mixed worker, or a short uncached tail).
 """
 import os
 
@@ -223,6 +224,12 @@ class LLMEngine:
             return False
         bm.allocate(seq)
         return True
+
+    def start_prefill(self, seq: Sequence):
+        """Compute the reserved seq's uncached tokens here: it joins the running batch, whose steps chunk its
+        prefill under the token budget beside the decodes, and samples its first token like any sequence."""
+        seq.status = SequenceStatus.RUNNING
+        self.scheduler.running.append(seq)
 
     def start_decoding(self, seq: Sequence, first_token: int) -> str | None:
         """The KV of all of seq's tokens is in its reserved blocks: append the first token and make seq a running

@@ -32,6 +32,8 @@ EXPECTED = {
     "nano_pd:kv_transfer_bytes_total": ("counter", set(), "KV bytes pushed from prefill to decode workers."),
     "nano_pd:kv_transfer_seconds": ("histogram", set(), "Time of one request's KV push."),
     "nano_pd:request_migrations_total": ("counter", set(), "Request attempts re-issued after a worker died or failed."),
+    "nano_pd:local_prefills_total": ("counter", {R}, "Prompts computed by the worker that decodes them (a mixed "
+                                     "worker, or a decode worker's short uncached tail) instead of a prefill worker."),
     "nano_pd:worker_deaths_total": ("counter", {R}, "Workers declared dead."),
     "nano_pd:request_spec_acceptance_rate": ("histogram", {M},
                                              "Per finished request: accepted / proposed speculative tokens."),
@@ -92,6 +94,7 @@ def test_every_metric_named_typed_labelled_and_explained():
     metrics.finished("stop", 1)  # the labelled series below appear once something is counted
     metrics.request_errors.labels(status=503).inc()
     metrics.worker_deaths.labels(role="prefill").inc()
+    metrics.local_prefills.labels(role="mixed").inc()
     text = metrics.render()
     assert re.findall(r"^# TYPE (\S+) (\S+)$", text, re.M) == [(n, t) for n, (t, _, _) in EXPECTED.items()]
     assert re.findall(r"^# HELP (\S+) (.*)$", text, re.M) == [(n, h) for n, (_, _, h) in EXPECTED.items()]

@@ -4,6 +4,7 @@
         client = c.openai()
         c.kill("decode", 0)          # SIGKILL one worker
         c.add("decode")              # a worker that joins the live cluster
+    with LocalCluster(model_dir, prefill=0, decode=0, mixed=2) as c:   # mixed workers: no hand-off
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ import time
 import urllib.error
 import urllib.request
 
+ROLES = ("router", "prefill", "decode", "mixed")
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
@@ -47,7 +49,7 @@ def free_port() -> int:
 
 
 class LocalCluster:
-    def __init__(self, model: str, prefill: int = 1, decode: int = 1, transport: str = "zmq",
+    def __init__(self, model: str, prefill: int = 1, decode: int = 1, transport: str = "zmq", mixed: int = 0,
                  worker_args: tuple[str, ...] = ("--num-kv-blocks", "512"), router_args: tuple[str, ...] = (),
                  log_dir: str | None = None, served_model_name: str = "tiny"):
         self.model, self.transport = model, transport
@@ -57,8 +59,8 @@ class LocalCluster:
         self.base_url = f"http://127.0.0.1:{self.port}"
         self.log_dir = log_dir or os.path.join("/tmp", f"nano-pd-test-{self.port}")
         os.makedirs(self.log_dir, exist_ok=True)
-        self.procs: dict[str, list[subprocess.Popen]] = {"router": [], "prefill": [], "decode": []}
-        self._initial = (prefill, decode)
+        self.procs: dict[str, list[subprocess.Popen]] = {role: [] for role in ROLES}
+        self._initial = (prefill, decode, mixed)
 
     def _spawn(self, name: str, args: list[str]) -> subprocess.Popen:
         env = dict(os.environ, PYTHONPATH=ROOT, TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1")
@@ -79,7 +81,7 @@ class LocalCluster:
                 self.close()
                 raise
             # another process took a port between free_port() and the router's bind: start over on new ports
-            self.procs = {"router": [], "prefill": [], "decode": []}
+            self.procs = {role: [] for role in ROLES}
             self.port, self.control_port = free_port(), free_port()
             self.base_url = f"http://127.0.0.1:{self.port}"
 
@@ -98,10 +100,9 @@ class LocalCluster:
         self.procs["router"].append(self._spawn("router", [
             "router", "--model", self.model, "--served-model-name", self.served_model_name,
             "--port", str(self.port), "--control-port", str(self.control_port), *self.router_args]))
-        for _ in range(self._initial[0]):
-            self.add("prefill", wait=False)
-        for _ in range(self._initial[1]):
-            self.add("decode", wait=False)
+        for role, count in zip(("prefill", "decode", "mixed"), self._initial):
+            for _ in range(count):
+                self.add(role, wait=False)
         self.wait_for(self._router_up, "the router's HTTP port")
         self.wait_workers(*self._initial)
 
@@ -110,8 +111,11 @@ class LocalCluster:
 
     def add(self, role: str, wait: bool = True, extra: tuple[str, ...] = ()) -> subprocess.Popen:
         index = len(self.procs[role])
+        module = ["decode_worker", "--role", "mixed"] if role == "mixed" else [f"{role}_worker"]
+        if role == "decode":  # every prompt through a prefill worker: the hand-off is what these clusters test
+            module += ["--local-prefill-max-tokens", "0"]
         proc = self._spawn(f"{role}-{index}", [
-            f"{role}_worker", "--router", f"127.0.0.1:{self.control_port}", "--model", self.model,
+            *module, "--router", f"127.0.0.1:{self.control_port}", "--model", self.model,
             "--served-model-name", self.served_model_name, "--kv-transport", self.transport, "--threads", "1",
             "--name", f"{role}-{index}", *self.worker_args, *extra])
         self.procs[role].append(proc)
@@ -162,9 +166,10 @@ class LocalCluster:
     def alive(self, role: str) -> list[dict]:
         return [w for w in self.workers() if w["role"] == role and w["alive"]]
 
-    def wait_workers(self, prefill: int, decode: int, timeout: float = 120):
-        self.wait_for(lambda: len(self.alive("prefill")) >= prefill and len(self.alive("decode")) >= decode,
-                      f"{prefill} prefill and {decode} decode workers", timeout)
+    def wait_workers(self, prefill: int, decode: int, mixed: int = 0, timeout: float = 120):
+        self.wait_for(lambda: len(self.alive("prefill")) >= prefill and len(self.alive("decode")) >= decode
+                      and len(self.alive("mixed")) >= mixed, f"{prefill} prefill, {decode} decode and {mixed} mixed "
+                      "workers", timeout)
 
     def wait_for(self, condition, what: str, timeout: float = 120):
         deadline = time.monotonic() + timeout

@@ -288,3 +288,8 @@ if __name__ == "__main__":  # manual: python tests/support/tiny_models.py /tmp/t
 
     out = make_tiny_model(sys.argv[1] if len(sys.argv) > 1 else "/tmp/tiny_llama")
     print(out, sorted(os.listdir(out)))
+
+
+# the model the end-to-end cluster tests serve: small enough that a worker starts in seconds
+SERVING_TINY = TinyConfig(arch="llama", num_heads=4, num_kv_heads=2, head_dim=32, hidden_size=128, num_layers=2,
+                          vocab_size=512)

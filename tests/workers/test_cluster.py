@@ -16,36 +16,8 @@ import pytest
 import zmq
 
 from tests.support.cluster_harness import LocalCluster
-from tests.support.tiny_models import TinyConfig
 
-TINY = TinyConfig(arch="llama", num_heads=4, num_kv_heads=2, head_dim=32, hidden_size=128, num_layers=2,
-                  vocab_size=512)
 WORDS = "alpha beta gamma delta river stone cloud paper seven green quiet window north table light music".split()
-
-
-@pytest.fixture(scope="module")
-def model_dir(tiny_model_factory):
-    return str(tiny_model_factory(TINY))
-
-
-@pytest.fixture(scope="module")
-def offline(model_dir):
-    """reference(prompts, max_tokens, ignore_eos) -> texts of the offline engine (colocated, greedy)."""
-    from common import SamplingParams
-    from common.engine import LLM
-
-    llm = LLM(model_dir, num_kv_blocks=2048)
-    cache = {}
-
-    def reference(prompts: list[str], max_tokens: int, ignore_eos: bool = False) -> list[str]:
-        key = (tuple(prompts), max_tokens, ignore_eos)
-        if key not in cache:
-            params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=ignore_eos)
-            outs = llm.chat([[{"role": "user", "content": p}] for p in prompts], params)
-            cache[key] = [o["text"] for o in outs]
-        return cache[key]
-
-    return reference
 
 
 def prompts(n: int, seed: int = 0, words: int = 12) -> list[str]:

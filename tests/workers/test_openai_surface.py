@@ -1,4 +1,4 @@
-"""The OpenAI sampling surface over a real 1P1D cluster, compared with the offline engine: logprobs, n, seed,
+"""The OpenAI sampling surface over a real 1P1D cluster and a mixed worker, compared with the offline engine: logprobs, n, seed,
 logit_bias; and access control: API key, request size limit, X-Request-Id."""
 from __future__ import annotations
 
@@ -8,15 +8,9 @@ import pytest
 
 from router.openai_api import choice_params
 from tests.support.cluster_harness import LocalCluster
-from tests.workers.test_cluster import TINY
 
 KEY = "sekret"
 MESSAGES = [{"role": "user", "content": "river stone music"}]
-
-
-@pytest.fixture(scope="module")
-def model_dir(tiny_model_factory):
-    return str(tiny_model_factory(TINY))
 
 
 @pytest.fixture(scope="module")
@@ -26,10 +20,12 @@ def llm(model_dir):
     return LLM(model_dir, num_kv_blocks=1024)
 
 
-@pytest.fixture(scope="module")
-def cluster(model_dir):
-    with LocalCluster(model_dir, 1, 1, transport="zmq",
+@pytest.fixture(scope="module", params=["1P1D", "mixed"])
+def cluster(model_dir, request):
+    shape = dict(prefill=1, decode=1) if request.param == "1P1D" else dict(prefill=0, decode=0, mixed=1)
+    with LocalCluster(model_dir, **shape, transport="zmq",
                       router_args=("--api-key", KEY, "--max-request-bytes", "20000")) as c:
+        c.prompt_role = "prefill" if request.param == "1P1D" else "mixed"  # whose prefix cache the prompts hit
         yield c
 
 
@@ -78,7 +74,7 @@ def test_seeded_sampling_repeats_and_equals_the_offline_engine(llm, client):
 
 
 def test_n_choices_share_the_prompt_and_follow_their_seeds(llm, client, cluster):
-    hits_before = sum(w["load"]["prefix_cache_hits"] for w in cluster.alive("prefill"))
+    hits_before = sum(w["load"]["prefix_cache_hits"] for w in cluster.alive(cluster.prompt_role))
     messages = [{"role": "user", "content": "cloud " * 40}]
     got = client.chat.completions.create(model="tiny", messages=messages, temperature=1.0, max_tokens=12, n=3,
                                          seed=99)
@@ -93,7 +89,7 @@ def test_n_choices_share_the_prompt_and_follow_their_seeds(llm, client, cluster)
                                               for i in range(3))
     # choices 1 and 2 found the prompt's full blocks in the prefill worker's cache (heartbeats lag a little)
     prompt_blocks = got.usage.prompt_tokens // 16
-    cluster.wait_for(lambda: sum(w["load"]["prefix_cache_hits"] for w in cluster.alive("prefill"))
+    cluster.wait_for(lambda: sum(w["load"]["prefix_cache_hits"] for w in cluster.alive(cluster.prompt_role))
                      >= hits_before + 2 * 16 * prompt_blocks - 32, "prefix hits of the forked choices", 5)
     # streamed: every index appears and finishes
     finished = set()

@@ -8,7 +8,7 @@ import shutil
 import pytest
 
 from tests.support.cluster_harness import LocalCluster
-from tests.workers.test_cluster import TINY
+from tests.support.tiny_models import SERVING_TINY
 from tests.engine.test_grammar import PARAMS, TOOLS, check
 
 TEMPLATE = """\
@@ -53,7 +53,7 @@ ASK = [{"role": "user", "content": "weather in paris please"}]
 @pytest.fixture(scope="module")
 def model_dir(tiny_model_factory, tmp_path_factory):
     folder = tmp_path_factory.mktemp("tiny-tools")
-    shutil.copytree(tiny_model_factory(TINY), folder, dirs_exist_ok=True)
+    shutil.copytree(tiny_model_factory(SERVING_TINY), folder, dirs_exist_ok=True)
     (folder / "chat_template.jinja").write_text(TEMPLATE)
     return str(folder)
 

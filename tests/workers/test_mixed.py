@@ -1,0 +1,65 @@
+"""Mixed workers (one engine that prefills and decodes its own requests) and a decode worker's local prefill of
+short uncached tails, end to end against the offline engine, as the P/D cluster tests do."""
+from __future__ import annotations
+
+import pytest
+
+from tests.support.cluster_harness import LocalCluster
+from tests.workers.test_cluster import (_kill_mid_stream, metric_value, prompts, run_concurrently, stream_chat,
+                                        wait_no_leaks)
+
+
+def local_prefills(c: LocalCluster, role: str) -> float:
+    try:
+        return metric_value(c.get("/metrics")[1].decode(), f'nano_pd:local_prefills_total{{role="{role}"}}')
+    except KeyError:  # the labelled series appears with its first count
+        return 0.0
+
+
+@pytest.mark.slow
+def test_mixed_workers_alone_match_offline(model_dir, offline):
+    ps = prompts(32, seed=21)
+    with LocalCluster(model_dir, prefill=0, decode=0, mixed=2) as c:
+        client = c.openai()
+        results = run_concurrently(lambda p: stream_chat(client, p, 24), ps)
+        assert [r["text"] for r in results] == offline(ps, 24)
+        assert all(r["usage"].completion_tokens >= 1 for r in results)
+        assert all(w["assigned"] > 0 and w["kv_transport"] == "none" for w in c.alive("mixed"))
+        assert local_prefills(c, "mixed") == len(ps)
+        wait_no_leaks(c)
+
+
+@pytest.mark.slow
+def test_mixed_beside_prefill_and_decode_workers(model_dir, offline):
+    ps = prompts(24, seed=22)
+    with LocalCluster(model_dir, prefill=1, decode=1, mixed=1) as c:
+        client = c.openai()
+        results = run_concurrently(lambda p: stream_chat(client, p, 16), ps, workers=24)
+        assert [r["text"] for r in results] == offline(ps, 16)
+        for w in c.alive("prefill") + c.alive("decode") + c.alive("mixed"):
+            assert w["assigned"] > 0, f"{w['worker_id']} got no traffic"
+        assert 0 < local_prefills(c, "mixed") < len(ps)
+        wait_no_leaks(c)
+
+
+@pytest.mark.slow
+def test_mixed_worker_killed_mid_stream(model_dir, offline):
+    with LocalCluster(model_dir, prefill=0, decode=0, mixed=2) as c:
+        _kill_mid_stream(c, "mixed", prompts(16, seed=23), 300, offline)
+        assert metric_value(c.get("/metrics")[1].decode(), 'nano_pd:worker_deaths_total{role="mixed"}') == 1
+
+
+@pytest.mark.slow
+def test_decode_worker_prefills_short_uncached_tails_itself(model_dir, offline):
+    """A prompt seen before leaves at most a block uncached in the decode worker's prefix cache: it is computed
+    there, the rest (long, new) through the prefill worker; outputs are the same either way."""
+    ps = prompts(6, seed=24, words=40)
+    with LocalCluster(model_dir, 1, 0) as c:
+        c.add("decode", extra=("--local-prefill-max-tokens", "16"))  # overrides the harness's 0
+        client = c.openai()
+        first = [stream_chat(client, p, 8)["text"] for p in ps]
+        assert local_prefills(c, "decode") == 0
+        again = [stream_chat(client, p, 8)["text"] for p in ps]
+        assert first == again == offline(ps, 8)
+        assert local_prefills(c, "decode") == len(ps)
+        wait_no_leaks(c)
