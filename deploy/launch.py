@@ -1,7 +1,8 @@
-"""Start a nano-pd cluster on this host: one router plus N prefill and K decode workers, supervised.
+"""Start a nano-pd cluster on this host: one router plus N prefill, K decode and M mixed workers, supervised.
 
     python -m deploy.launch                                   # 1 prefill + 1 decode, http://127.0.0.1:8000/v1
     python -m deploy.launch --prefill-workers 2 --decode-workers 2 --threads-per-worker 4
+    python -m deploy.launch --mixed-workers 1 --dtype bfloat16  # one worker that prefills and decodes
     python -m deploy.launch --config deploy/local-1p1d.toml --port 9000
     python -m deploy.launch --no-router --router 10.0.0.1:8100 --host 10.0.0.2   # join a router on another host
     python -m deploy.launch --dry-run                         # print the command lines only
@@ -19,7 +20,7 @@ import time
 import urllib.error
 import urllib.request
 
-from common.cluster.flags import KV_TRANSPORTS
+from common.cluster.flags import KV_TRANSPORTS, add_engine_args, engine_argv, worker_module
 from common.names import DEFAULT_MODEL, is_default_model, served_model_name
 from deploy.spec import ClusterSpecFile, Spec, load_spec_file, resolve
 from deploy.supervisor import Supervisor, install_signal_handlers
@@ -61,8 +62,9 @@ def build_commands(spec: Spec, model_arg: str, served_name: str, router: str | N
                                     "--host", spec.host, "--port", str(spec.port),
                                     "--control-port", str(spec.control_port)]))
     for role, part in spec.roles():
+        module = [worker_module(role), *(["--role", role] if role == "mixed" else [])]
         for i in range(part.workers):
-            commands.append((f"{role}-{i}", [py, "-m", f"{role}_worker", "--router", router, "--model", model_arg,
+            commands.append((f"{role}-{i}", [py, "-m", *module, "--router", router, "--model", model_arg,
                                              "--served-model-name", served_name, "--host", spec.host,
                                              "--kv-transport", spec.kv_transport,
                                              "--threads", str(spec.threads_per_worker), "--name", f"{role}-{i}",
@@ -82,6 +84,9 @@ def _health_ok(url: str) -> bool:
 # Command line
 # ---------------------------------------------------------------------------------------------------------------
 
+LAUNCHER_OWN = ("model", "threads")  # engine options the launcher sets itself (--model, --threads-per-worker)
+
+
 def _parser() -> argparse.ArgumentParser:
     # every default is None so that an explicit flag can be told apart from "not given" and win over the file
     p = argparse.ArgumentParser(prog="python -m deploy.launch", description=__doc__,
@@ -89,8 +94,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--config", metavar="SPEC.toml",
                    help="cluster spec (same keys as these flags; flags given here override it)")
     p.add_argument("--model", help=f"HF folder, .gguf file or {DEFAULT_MODEL!r} (default)")
-    p.add_argument("--prefill-workers", type=int, metavar="N", help="default 1")
-    p.add_argument("--decode-workers", type=int, metavar="K", help="default 1")
+    p.add_argument("--prefill-workers", type=int, metavar="N", help="default 1 (0 with mixed workers)")
+    p.add_argument("--decode-workers", type=int, metavar="K", help="default 1 (0 with mixed workers)")
+    p.add_argument("--mixed-workers", type=int, metavar="M",
+                   help="workers that prefill and decode their own requests, no hand-off (default 0)")
     p.add_argument("--host", help="address the router binds and workers advertise (default 127.0.0.1)")
     p.add_argument("--port", type=int, help="router HTTP port (default 8000)")
     p.add_argument("--control-port", type=int, help="router ZeroMQ control port (default port + 100)")
@@ -102,6 +109,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--prefill-args", metavar='"..."',
                    help='extra flags for every prefill worker (one flag alone: --prefill-args="--flag")')
     p.add_argument("--decode-args", metavar='"..."', help="extra flags for every decode worker")
+    p.add_argument("--mixed-args", metavar='"..."', help="extra flags for every mixed worker")
+    add_engine_args(p.add_argument_group(
+        "engine options for every worker (a role's --*-args come after them, and win)"),
+        passthrough=True, skip=LAUNCHER_OWN)
     p.add_argument("--no-router", action="store_true",
                    help="start only workers, joining the router given by --router (how a second host joins)")
     p.add_argument("--router", metavar="HOST:PORT", help="control endpoint of a router on another host")
@@ -118,7 +129,7 @@ def _parser() -> argparse.ArgumentParser:
 def resolve_spec(args: argparse.Namespace) -> Spec:
     """Built-in defaults, then the --config file, then the flags given explicitly."""
     values = load_spec_file(args.config) if args.config else ClusterSpecFile()
-    return resolve(values.overridden(vars(args)))
+    return resolve(values.overridden({**vars(args), "args": engine_argv(args, skip=LAUNCHER_OWN) or None}))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -147,7 +158,7 @@ def _router_endpoint(parser: argparse.ArgumentParser, args: argparse.Namespace, 
     if args.no_router:
         if not args.router:
             parser.error("--no-router needs --router HOST:PORT (the control endpoint of the running router)")
-        if spec.prefill.workers + spec.decode.workers == 0:
+        if not any(part.workers for _, part in spec.roles()):
             parser.error("--no-router with no workers would start nothing")
         return args.router
     if args.router:
@@ -167,8 +178,7 @@ def _supervise(commands: list[tuple[str, list[str]]], spec: Spec, args: argparse
             if failed is not None:
                 return failed
         elif args.no_router:
-            print(f"nano-pd workers started ({spec.prefill.workers} prefill, {spec.decode.workers} decode), "
-                  f"joining the router at {router}", flush=True)
+            print(f"nano-pd workers started ({spec.shape()}), joining the router at {router}", flush=True)
         supervisor.run()
         if supervisor.all_given_up and not supervisor.stop_requested:
             print("launch: every process was given up on; exiting", file=sys.stderr, flush=True)
@@ -201,7 +211,7 @@ def _wait_ready(supervisor: Supervisor, spec: Spec, timeout: float) -> int | Non
         print(f"launch: {base}/health did not answer 200 within {timeout:g} s; shutting down",
               file=sys.stderr, flush=True)
         return 1
-    print(f"nano-pd ready: {base}/v1 ({spec.prefill.workers} prefill, {spec.decode.workers} decode)", flush=True)
+    print(f"nano-pd ready: {base}/v1 ({spec.shape()})", flush=True)
     return None
 
 

@@ -2,9 +2,12 @@
 file), and the spec the launcher resolves from it and its flags, each role's worker flags parsed.
 
     model = "SmolLM2-135M-Instruct"    # host, port, control_port, kv_transport, threads_per_worker
+    args = "--dtype bfloat16"          # extra flags for every worker (a role's own args come after, and win)
     [prefill]
     workers = 1
     args = "--tensor-parallel-size 2"  # or a list of strings: extra flags for every worker of the role
+    [mixed]                            # workers that prefill and decode their own requests (none by default)
+    workers = 2
 """
 from __future__ import annotations
 
@@ -15,33 +18,38 @@ from typing import Literal
 
 import msgspec
 
-from common.cluster.flags import KV_TRANSPORTS, engine_kwargs, worker_parser
+from common.cluster.flags import KV_TRANSPORTS, engine_kwargs, worker_module, worker_parser
 from common.engine_args import EngineArgs
 from common.names import DEFAULT_MODEL
 
-ROLES = ("prefill", "decode")
+ROLES = ("prefill", "decode", "mixed")
+
+
+def split_args(args: str | list[str]) -> list[str]:
+    """Flags given as one string (split as a shell would) or one by one."""
+    return shlex.split(args) if isinstance(args, str) else list(args)
 
 
 class RoleFile(msgspec.Struct, forbid_unknown_fields=True):
-    """[prefill] / [decode]: how many workers of the role, and extra flags for every one of them."""
-    workers: int = 1
-    args: str | list[str] = ""  # one string, split as a shell would, or the flags one by one
-
-    def argv(self) -> list[str]:
-        return shlex.split(self.args) if isinstance(self.args, str) else list(self.args)
+    """[prefill] / [decode] / [mixed]: how many workers of the role, and extra flags for every one of them."""
+    workers: int | None = None  # mixed: 0; prefill and decode: 1, or 0 when there are mixed workers
+    args: str | list[str] = ""
 
 
 class ClusterSpecFile(msgspec.Struct, forbid_unknown_fields=True):
     """A spec file's keys, each defaulting to the built-in value; the launcher's flags of the same names (and
-    --prefill-workers / --prefill-args for [prefill] workers / args) override them."""
+    --prefill-workers / --prefill-args for [prefill] workers / args) override them; its engine flags (--dtype ...)
+    come after the file's top-level args."""
     model: str = DEFAULT_MODEL
     host: str = "127.0.0.1"
     port: int = 8000
     control_port: int | None = None  # port + 100
     kv_transport: Literal[KV_TRANSPORTS] = "auto"
     threads_per_worker: int | None = None  # cpu_count // the processes of the workers
+    args: str | list[str] = ""  # extra flags for every worker, before its role's own
     prefill: RoleFile = msgspec.field(default_factory=RoleFile)
     decode: RoleFile = msgspec.field(default_factory=RoleFile)
+    mixed: RoleFile = msgspec.field(default_factory=RoleFile)
 
     def overridden(self, flags: dict) -> ClusterSpecFile:
         """These values with every flag that was given (not None) in their place."""
@@ -51,7 +59,10 @@ class ClusterSpecFile(msgspec.Struct, forbid_unknown_fields=True):
 
         roles = {role: msgspec.structs.replace(getattr(self, role), **given(getattr(self, role), f"{role}_"))
                  for role in ROLES}
-        return msgspec.structs.replace(self, **given(self), **roles)
+        top = given(self)
+        if "args" in top:  # flags for every worker add to the file's, they do not replace them
+            top["args"] = split_args(self.args) + split_args(top["args"])
+        return msgspec.structs.replace(self, **top, **roles)
 
 
 def load_spec_file(path: str) -> ClusterSpecFile:
@@ -65,7 +76,7 @@ def load_spec_file(path: str) -> ClusterSpecFile:
 
 class Role(msgspec.Struct):
     workers: int
-    args: list[str]  # passed on to every worker of the role as they are
+    args: list[str]  # passed on to every worker of the role as they are (the spec's args for all, then its own)
     engine: EngineArgs  # what they set
 
 
@@ -79,17 +90,26 @@ class Spec(msgspec.Struct):
     threads_per_worker: int
     prefill: Role
     decode: Role
+    mixed: Role
 
     def roles(self) -> list[tuple[str, Role]]:
         return [(role, getattr(self, role)) for role in ROLES]
+
+    def shape(self) -> str:
+        """The workers in words, e.g. "1 prefill, 1 decode"."""
+        return ", ".join(f"{part.workers} {role}" for role, part in self.roles() if part.workers or role != "mixed")
 
 
 def resolve(values: ClusterSpecFile) -> Spec:
     """The spec these values give: per-role flags parsed, the control port and the thread count filled in."""
     roles = {}
+    default_workers = {"mixed": 0, "prefill": 0 if values.mixed.workers else 1}
+    default_workers["decode"] = default_workers["prefill"]
     for role in ROLES:
         part = getattr(values, role)
-        roles[role] = Role(part.workers, part.argv(), parse_role_args(role, part.argv()))
+        argv = split_args(values.args) + split_args(part.args)
+        workers = default_workers[role] if part.workers is None else part.workers
+        roles[role] = Role(workers, argv, parse_role_args(role, argv))
     if any(role.workers < 0 for role in roles.values()):
         raise ValueError("worker counts cannot be negative")
     threads = values.threads_per_worker
@@ -112,7 +132,7 @@ class _RaisingParser(argparse.ArgumentParser):
 def parse_role_args(role: str, args: list[str]) -> EngineArgs:
     """The engine options a `role` worker started with these extra flags has; a flag it would refuse is a
     ValueError here, before anything starts."""
-    parser = worker_parser(role, _RaisingParser(prog=f"python -m {role}_worker", add_help=False))
+    parser = worker_parser(role, _RaisingParser(prog=f"python -m {worker_module(role)}", add_help=False))
     try:
         # the launcher gives every worker its --router itself (and --model, --host, ... before these flags)
         parsed = parser.parse_args(["--router", "", *args])

@@ -49,20 +49,40 @@ def worker_parser(role: str, ap: argparse.ArgumentParser | None = None) -> argpa
     return ap
 
 
-def add_engine_args(ap) -> None:
-    """A flag for every field of EngineArgs, its dest the field's name: --block-size N sets block_size; a bool
-    option is a switch that turns its default around (--enable-expert-parallel, --no-prefix-caching)."""
+def add_engine_args(ap, passthrough: bool = False, skip: tuple[str, ...] = ()) -> None:
+    """A flag for every field of EngineArgs (but `skip`), its dest the field's name: --block-size N sets block_size;
+    a bool option is a switch that turns its default around (--enable-expert-parallel, --no-prefix-caching).
+    passthrough: each value is kept as given (a string; True for a switch), None when absent, for a launcher that
+    hands the flags on to workers (engine_argv) whose own parsers check them."""
     hints = typing.get_type_hints(EngineArgs)
     for f in dataclasses.fields(EngineArgs):
+        if f.name in skip:
+            continue
         spelling = f.metadata.get("flag", "--" + f.name.replace("_", "-"))
         if hints[f.name] is bool:
-            ap.add_argument(spelling, dest=f.name, action="store_false" if f.default else "store_true",
+            action = "store_true" if passthrough or not f.default else "store_false"
+            ap.add_argument(spelling, dest=f.name, action=action, default=None if passthrough else f.default,
                             help=f.metadata["help"])
+            continue
+        if passthrough:
+            ap.add_argument(spelling, dest=f.name, metavar=f.name.upper(), help=f.metadata["help"])
             continue
         # `int | None` is read as an int; a flag never gives None, only its absence does
         plain = next(t for t in typing.get_args(hints[f.name]) or (hints[f.name],) if t is not type(None))
         ap.add_argument(spelling, dest=f.name, type=f.metadata.get("type", plain), default=f.default,
                         choices=f.metadata.get("choices"), help=f.metadata["help"])
+
+
+def engine_argv(args: argparse.Namespace, skip: tuple[str, ...] = ()) -> list[str]:
+    """The engine flags a passthrough parser (add_engine_args(passthrough=True, skip)) was given, as worker argv."""
+    argv = []
+    for f in dataclasses.fields(EngineArgs):
+        value = None if f.name in skip else getattr(args, f.name, None)
+        if value is None:
+            continue
+        spelling = f.metadata.get("flag", "--" + f.name.replace("_", "-"))
+        argv += [spelling] if value is True else [spelling, value]
+    return argv
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict:

@@ -331,6 +331,39 @@ def test_dry_run_from_a_toml_file_with_flags_overriding_it(capsys, tmp_path):
     assert cmds["prefill-0"][-2:] == ["--max-num-batched-tokens", "512"]  # untouched by --decode-args
 
 
+def test_mixed_workers_alone_or_beside_prefill_and_decode(capsys, monkeypatch):
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    cmds = dry_run(capsys, "--mixed-workers", "1")  # no P/D by default once there are mixed workers
+    assert list(cmds) == ["router", "mixed-0"]
+    assert cmds["mixed-0"][:5] == [PY, "-m", "decode_worker", "--role", "mixed"]
+    assert flag(cmds["mixed-0"], "--threads") == "2"  # the only worker gets every core
+    cmds = dry_run(capsys, "--mixed-workers", "2", "--prefill-workers", "1", "--decode-workers", "1",
+                   "--mixed-args", "--max-num-seqs 8")
+    assert list(cmds) == ["router", "prefill-0", "decode-0", "mixed-0", "mixed-1"]
+    assert cmds["mixed-1"][-2:] == ["--max-num-seqs", "8"] and "--max-num-seqs" not in cmds["decode-0"]
+    with pytest.raises(SystemExit):  # a mixed worker is a decode worker's role: the prefill flags do not apply
+        launch.main(["--dry-run", "--mixed-workers", "1", "--mixed-args", "--kv-lease x"])
+    assert "mixed worker flags" in capsys.readouterr().err
+
+
+def test_engine_flags_on_the_launcher_reach_every_worker_and_roles_override_them(capsys, tmp_path):
+    cmds = dry_run(capsys, "--dtype", "bfloat16", "--max-num-seqs", "32", "--no-prefix-caching",
+                   "--speculative-config", '{"method": "ngram"}', "--decode-args", "--max-num-seqs 8")
+    common = ["--dtype", "bfloat16", "--max-num-seqs", "32", "--no-prefix-caching",
+              "--speculative-config", '{"method": "ngram"}']
+    assert cmds["prefill-0"][-len(common):] == common
+    assert cmds["decode-0"][-len(common) - 2:] == common + ["--max-num-seqs", "8"]  # the role's own come last
+    spec = tmp_path / "spec.toml"
+    spec.write_text('args = "--block-size 32"\n[decode]\nargs = "--dtype float32"\n')
+    cmds = dry_run(capsys, "--config", str(spec), "--dtype", "bfloat16")
+    assert cmds["prefill-0"][-4:] == ["--block-size", "32", "--dtype", "bfloat16"]  # the file's, then the flags
+    assert cmds["decode-0"][-6:] == ["--block-size", "32", "--dtype", "bfloat16", "--dtype", "float32"]
+    for bad in (["--dtype", "float8"], ["--max-num-seqs", "many"]):  # checked by the workers' own parsers
+        with pytest.raises(SystemExit):
+            launch.main(["--dry-run", *bad])
+        assert "worker flags" in capsys.readouterr().err
+
+
 def test_no_router_starts_only_workers_pointing_at_the_remote_router(capsys):
     cmds = dry_run(capsys, "--no-router", "--router", "10.0.0.1:8100", "--host", "10.0.0.2",
                    "--prefill-workers", "0", "--decode-workers", "2")
