@@ -9,6 +9,7 @@ import dataclasses
 import json
 import re
 import time
+from typing import Annotated
 
 import msgspec
 
@@ -17,6 +18,9 @@ from common.sampling_params import MAX_LOGPROBS, GrammarSpec, SamplingParams
 
 MAX_STOP_STRINGS = 4
 MAX_CHOICES = 16
+# Every integer a request carries is bounded at decode to what msgpack (the workers' wire) can encode, so a huge
+# value is the client's 400 naming the field, never an encoding failure at dispatch; tighter ranges come after.
+Int64 = Annotated[int, msgspec.Meta(ge=-2**63, le=2**63 - 1)]
 
 
 class APIError(Exception):
@@ -109,17 +113,17 @@ class ChatCompletionRequest(msgspec.Struct):
     model: str | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
-    max_tokens: int | None = None
-    max_completion_tokens: int | None = None
+    max_tokens: Int64 | None = None
+    max_completion_tokens: Int64 | None = None
     temperature: float | None = None
     top_p: float | None = None
-    seed: int | None = None
+    seed: Int64 | None = None
     stop: str | list[str] | None = None
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
-    n: int | None = None
+    n: Int64 | None = None
     logprobs: bool | None = None
-    top_logprobs: int | None = None
+    top_logprobs: Int64 | None = None
     logit_bias: dict[str, float] | None = None
     response_format: ResponseFormat | None = None
     tools: list[Tool] | None = None
@@ -129,11 +133,11 @@ class ChatCompletionRequest(msgspec.Struct):
     structured_outputs: StructuredOutputs | None = None
     user: str | None = None
     # extensions vLLM accepts too
-    top_k: int | None = None
+    top_k: Int64 | None = None
     min_p: float | None = None
     repetition_penalty: float | None = None
     ignore_eos: bool = False
-    stop_token_ids: list[int] | None = None
+    stop_token_ids: list[Int64] | None = None
     skip_special_tokens: bool = True
 
 
@@ -141,19 +145,34 @@ _decoder = msgspec.json.Decoder(ChatCompletionRequest)
 ROLES = {"system", "developer", "user", "assistant", "tool"}
 
 
-def parse_chat_request(body: bytes) -> ChatCompletionRequest:
+CONTENT_OPTIONAL = {"assistant"}  # and only with tool_calls, as OpenAI has it
+
+
+def parse_chat_request(body: bytes, vocab_size: int | None = None) -> ChatCompletionRequest:
+    """The request, or APIError(400) naming what is wrong; with vocab_size, token ids are checked against it."""
+    try:
+        # msgspec checks UTF-8 only in the strings it keeps; bytes under an unknown key would slip through
+        str(body, "utf-8")
+    except UnicodeDecodeError as e:
+        raise APIError(400, f"the body is not valid UTF-8 (byte {e.start})") from None
     try:
         req = _decoder.decode(body)
     except msgspec.ValidationError as e:
         raise APIError(400, f"invalid request: {e}", param=_param_of(str(e))) from None
     except msgspec.DecodeError as e:
         raise APIError(400, f"the body is not valid JSON: {e}") from None
+    except RecursionError:
+        raise APIError(400, "the body is nested too deeply") from None
     if not req.messages:
         raise APIError(400, "messages must contain at least one message", param="messages")
     for i, m in enumerate(req.messages):
         if m.role not in ROLES:
             raise APIError(400, f"messages[{i}].role must be one of {sorted(ROLES)}, got {m.role!r}",
                            param=f"messages[{i}].role")
+        if m.content is None and not (m.role in CONTENT_OPTIONAL and m.tool_calls):
+            raise APIError(400, f"messages[{i}].content is required for a {m.role} message"
+                                + (" without tool_calls" if m.role in CONTENT_OPTIONAL else ""),
+                           param=f"messages[{i}].content")
         if isinstance(m.content, list) and any(p.type != "text" or p.text is None for p in m.content):
             raise APIError(400, f"messages[{i}].content: only text parts are supported",
                            param=f"messages[{i}].content")
@@ -165,15 +184,28 @@ def parse_chat_request(body: bytes) -> ChatCompletionRequest:
         if not 0 <= req.top_logprobs <= MAX_LOGPROBS:
             raise APIError(400, f"top_logprobs must be in [0, {MAX_LOGPROBS}], got {req.top_logprobs}",
                            param="top_logprobs")
+    vocab = f"[0, {vocab_size})" if vocab_size else "[0, 2**63)"
     for key, value in (req.logit_bias or {}).items():
-        if not key.isdigit() or not -100 <= value <= 100:
-            raise APIError(400, f"logit_bias maps token ids (as strings) to values in [-100, 100]; got "
-                                f"{key!r}: {value}", param="logit_bias")
+        if _token_id(key, vocab_size) is None or not -100 <= value <= 100:
+            raise APIError(400, f"logit_bias maps token ids in {vocab} (as strings) to values in [-100, 100]; "
+                                f"got {key[:40]!r}: {value}", param="logit_bias")
+    for t in req.stop_token_ids or []:
+        if not 0 <= t < (vocab_size or 2**63):
+            raise APIError(400, f"stop_token_ids must be token ids in {vocab}, got {t}", param="stop_token_ids")
     _check_tools(req)
     stops = [req.stop] if isinstance(req.stop, str) else (req.stop or [])
     if len(stops) > MAX_STOP_STRINGS or any(not s for s in stops):
         raise APIError(400, f"stop takes at most {MAX_STOP_STRINGS} non-empty strings", param="stop")
     return req
+
+
+def _token_id(key: str, vocab_size: int | None) -> int | None:
+    """A logit_bias key as a token id, or None if it is not one. ASCII digits only (str.isdigit also takes '²',
+    which int() refuses), and few enough that int() is cheap and the id fits the wire."""
+    if not (key.isascii() and key.isdigit() and len(key) <= 19):
+        return None
+    token = int(key)
+    return token if token < (vocab_size or 2**63) else None
 
 
 TOOL_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
@@ -203,6 +235,20 @@ def _check_tools(req: ChatCompletionRequest):
     if isinstance(choice, NamedToolChoice) and choice.function.name not in names:
         raise APIError(400, f"tool_choice names {choice.function.name!r}, which is not in tools",
                        param="tool_choice")
+
+
+def tool_schemas(req: ChatCompletionRequest) -> list[tuple[str, str]]:
+    """(param, JSON text) of every tool's parameter schema, enforced by a grammar or not: OpenAI refuses a schema
+    that does not compile whatever tool_choice says, and so do we (router.serving_chat compiles them)."""
+    params = [(f"tools[{i}].function.parameters", t.function.parameters) for i, t in enumerate(req.tools or [])]
+    return [(param, _json_text(schema, param)) for param, schema in params if schema is not None]
+
+
+def _json_text(obj, param: str) -> str:
+    try:
+        return json.dumps(obj)
+    except RecursionError:  # decoded just below the limit, re-encoded from a deeper stack
+        raise APIError(400, f"{param} is nested too deeply", param=param) from None
 
 
 def tools_active(req: ChatCompletionRequest) -> bool:
@@ -245,7 +291,7 @@ def grammar_spec(req: ChatCompletionRequest) -> GrammarSpec | None:
         if so.regex is not None:
             return GrammarSpec("regex", so.regex)
         if so.json is not None:
-            return GrammarSpec("json_schema", json.dumps(so.json), strict=False)
+            return GrammarSpec("json_schema", _json_text(so.json, "structured_outputs"), strict=False)
         return GrammarSpec("ebnf", so.grammar)
     fmt = req.response_format
     if fmt is None or fmt.type == "text":
@@ -255,7 +301,8 @@ def grammar_spec(req: ChatCompletionRequest) -> GrammarSpec | None:
     if fmt.type == "json_schema":
         if fmt.json_schema is None or fmt.json_schema.schema is None:
             raise APIError(400, "response_format json_schema needs json_schema.schema", param="response_format")
-        return GrammarSpec("json_schema", json.dumps(fmt.json_schema.schema), strict=bool(fmt.json_schema.strict))
+        return GrammarSpec("json_schema", _json_text(fmt.json_schema.schema, "response_format"),
+                           strict=bool(fmt.json_schema.strict))
     raise APIError(400, f"response_format.type must be text, json_object or json_schema, got {fmt.type!r}",
                    param="response_format")
 
@@ -376,3 +423,100 @@ def logprob_entries(tokenizer, token_ids: list[int], entries: list[dict[int, flo
 
 def now() -> int:
     return int(time.time())
+
+
+# --- response bodies: built as dicts above; these structs describe them in the OpenAPI document ----------------
+class ErrorDetail(msgspec.Struct):
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class ErrorResponse(msgspec.Struct):
+    """Every 4xx and 5xx answer."""
+    error: ErrorDetail
+
+
+class ToolCall(msgspec.Struct):
+    id: str
+    type: str
+    function: FunctionCall
+
+
+class ResponseMessage(msgspec.Struct):
+    role: str
+    content: str | None
+    reasoning_content: str | None = None  # with --reasoning-parser; `reasoning` holds the same text
+    reasoning: str | None = None
+    tool_calls: list[ToolCall] | None = None
+
+
+class TopLogprob(msgspec.Struct):
+    token: str
+    logprob: float
+    bytes: list[int]
+
+
+class TokenLogprob(msgspec.Struct):
+    token: str
+    logprob: float
+    bytes: list[int]
+    top_logprobs: list[TopLogprob]
+
+
+class ChoiceLogprobs(msgspec.Struct):
+    content: list[TokenLogprob]
+
+
+class Choice(msgspec.Struct):
+    index: int
+    message: ResponseMessage
+    logprobs: ChoiceLogprobs | None
+    finish_reason: str | None
+
+
+class PromptTokensDetails(msgspec.Struct):
+    cached_tokens: int
+
+
+class Usage(msgspec.Struct):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+    prompt_tokens_details: PromptTokensDetails
+
+
+class ChatCompletion(msgspec.Struct):
+    """The answer to a request without stream."""
+    id: str
+    object: str
+    created: int
+    model: str
+    choices: list[Choice]
+    usage: Usage
+
+
+class ChunkChoice(msgspec.Struct):
+    index: int
+    delta: dict  # role, content, reasoning_content / reasoning, tool_calls (index, id, type, function fragments)
+    logprobs: ChoiceLogprobs | None
+    finish_reason: str | None
+
+
+class ChatCompletionChunk(msgspec.Struct):
+    """One `data:` event of a streamed answer (the stream ends with `data: [DONE]`)."""
+    id: str
+    object: str
+    created: int
+    model: str
+    choices: list[ChunkChoice]
+    usage: Usage | None = None  # only in the last chunk, with stream_options.include_usage
+
+
+def openapi_components() -> dict[str, dict]:
+    """JSON Schemas of the request, the answers and the error body, as OpenAPI components."""
+    _, components = msgspec.json.schema_components(
+        [ChatCompletionRequest, ChatCompletion, ChatCompletionChunk, ErrorResponse],
+        ref_template="#/components/schemas/{name}")
+    return components

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import hashlib
 import json
+import logging
 import time
 
 from fastapi.responses import StreamingResponse
@@ -19,6 +21,10 @@ from router.text.output import OutputParser
 from router.text.reasoning import get_reasoning_parser
 from router.text.tool_parsers import get_tool_parser
 
+log = logging.getLogger("nano_pd.router")
+
+SCHEMA_CACHE_SIZE = 1024
+
 
 class ChatCompletions:
     """The chat-completions handler of one router: its tokenizer, model name, output parsers, metrics and cluster."""
@@ -31,15 +37,17 @@ class ChatCompletions:
         self.vocab_size = vocab_size or len(tokenizer)
         self.reasoning_cls = get_reasoning_parser(reasoning_parser) if reasoning_parser else None
         self.tool_cls = get_tool_parser(tool_parser)
+        self._schema_errors: dict[bytes, str | None] = {}  # tool schema verdicts by digest, oldest first
 
     async def create(self, body: bytes):
         """The response to a request body: a chat.completion dict, or a StreamingResponse of chunks."""
         if len(body) > self.max_request_bytes:
             raise api.APIError(413, f"the request body has {len(body)} bytes; the limit is {self.max_request_bytes}")
-        req = api.parse_chat_request(body)
+        req = api.parse_chat_request(body, self.vocab_size)
         if req.model is not None and req.model != self.model_name:
             raise api.APIError(404, f"The model `{req.model}` does not exist.", param="model",
                                code="model_not_found")
+        await self._check_tool_schemas(req)
         registry = self.cluster.registry
         max_model_len = registry.max_model_len
         if max_model_len is None or not registry.healthy:
@@ -77,7 +85,7 @@ class ChatCompletions:
 
             try:
                 grammar, param = structural_tag_for_tools(api.tool_dicts(req), mode), "tools"
-            except InvalidRequestError as e:
+            except (InvalidRequestError, RecursionError) as e:
                 raise api.APIError(400, str(e), param="tools") from None
         if grammar is not None:
             await self._check_grammar(grammar, param)
@@ -91,6 +99,22 @@ class ChatCompletions:
             await asyncio.to_thread(validate, spec, self.tokenizer, self.vocab_size)
         except InvalidRequestError as e:
             raise api.APIError(400, str(e), param=param) from None
+
+    async def _check_tool_schemas(self, req: api.ChatCompletionRequest):
+        """A 400 for a tool whose parameter schema does not compile, whether or not a grammar will enforce it.
+        Verdicts are kept by the schema text's digest (bounded memory whatever the schemas' size): clients send
+        the same tools with every request, and those then cost a hash and a look-up."""
+        for param, text in api.tool_schemas(req):
+            key = hashlib.sha256(text.encode()).digest()
+            if key in self._schema_errors:
+                error = self._schema_errors[key]
+            else:
+                error = await asyncio.to_thread(_schema_error, text)
+                if len(self._schema_errors) >= SCHEMA_CACHE_SIZE:
+                    self._schema_errors.pop(next(iter(self._schema_errors)))  # the oldest
+                self._schema_errors[key] = error
+            if error:
+                raise api.APIError(400, f"{param}: {error}", param=param)
 
     async def _submit(self, req: api.ChatCompletionRequest, prompt: str, prompt_ids: list[int],
                       params: SamplingParams) -> Reply:
@@ -170,6 +194,21 @@ class ChatCompletions:
             deltas = [{"content": ""}]  # the tokens' logprobs go out even while their text is held back
         return [self._chunk(reply, index, delta, logprobs=logprobs if j == 0 else None)
                 for j, delta in enumerate(deltas)]
+
+
+def _schema_error(text: str) -> str | None:
+    """Why a JSON schema does not compile, or None. Called in a thread: the first call imports xgrammar, and with
+    it torch, which takes seconds."""
+    try:
+        from common.grammar import check_json_schema
+    except ImportError:  # a router without torch (tests/test_layout.py) serves unconstrained requests unchecked
+        log.warning("xgrammar cannot be imported: tool schemas are not checked")
+        return None
+    try:
+        check_json_schema(text)
+    except InvalidRequestError as e:
+        return str(e)
+    return None
 
 
 def sse(obj) -> str:
