@@ -28,6 +28,15 @@ def main(argv=None):
     ap.add_argument("--api-key", default=os.environ.get("NANO_PD_API_KEY"),
                     help="require 'Authorization: Bearer KEY' on /v1 routes (default: $NANO_PD_API_KEY)")
     ap.add_argument("--max-request-bytes", type=int, default=4 * 2**20, help="largest request body accepted")
+    ap.add_argument("--header-timeout", type=float, default=10.0,
+                    help="seconds a client has to send a request's head, from connecting or from its previous "
+                         "response (then 408 and the connection is closed)")
+    ap.add_argument("--body-timeout", type=float, default=30.0,
+                    help="seconds a client has to send the rest of a request body after its head (then 408)")
+    ap.add_argument("--keep-alive-timeout", type=float, default=5.0,
+                    help="seconds an idle connection stays open between requests")
+    ap.add_argument("--max-connections", type=int, default=1000,
+                    help="HTTP connections open at once; a request on one more gets a 503")
     ap.add_argument("--reasoning-parser", default=None, choices=["deepseek_r1", "qwen3"],
                     help="split <think>...</think> into reasoning_content (default: no split)")
     ap.add_argument("--tool-call-parser", default="hermes", choices=["hermes"],
@@ -36,13 +45,12 @@ def main(argv=None):
     args = ap.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s router %(levelname)s %(message)s")
 
-    import uvicorn
     from transformers import AutoTokenizer
 
     from common.names import resolve_model, served_model_name
     from router.cluster import Cluster
     from router.metrics import RouterMetrics
-    from router.server import create_app
+    from router.server import HTTPLimits, create_app, serve
 
     folder = args.model
     if folder is None or not os.path.isdir(folder):
@@ -57,7 +65,8 @@ def main(argv=None):
     app = create_app(cluster, tokenizer, name, metrics, request_timeout_s=args.request_timeout,
                      api_key=args.api_key, max_request_bytes=args.max_request_bytes, vocab_size=vocab_size,
                      reasoning_parser=args.reasoning_parser, tool_parser=args.tool_call_parser)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=5)
+    serve(app, args.host, args.port, HTTPLimits(args.header_timeout, args.body_timeout, args.keep_alive_timeout,
+                                                 args.max_connections))
 
 
 if __name__ == "__main__":

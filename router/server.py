@@ -1,22 +1,32 @@
-"""The HTTP front: middleware (auth, size limit, X-Request-Id), error bodies, and the routes: /health, /v1/models,
-/metrics, /cluster, and /v1/chat/completions (router.serving_chat)."""
+"""The HTTP front: middleware (auth, size limit, X-Request-Id), error bodies, the routes (/health, /v1/models,
+/metrics, /cluster, and /v1/chat/completions: router.serving_chat), the OpenAPI document, and the server's limits
+on slow or too many connections (serve)."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hmac
+import json
+import logging
 
+import h11
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, PlainTextResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from router import openai_api as api
 from router.cluster import Cluster
 from router.metrics import CONTENT_TYPE, RouterMetrics
 from router.serving_chat import ChatCompletions
 
+log = logging.getLogger("nano_pd.router")
 
-def error_response(status: int, message: str, type: str = "invalid_request_error", param=None, code=None):
-    return JSONResponse(api.error_body(message, type, param, code), status_code=status)
+
+def error_response(status: int, message: str, type: str = "invalid_request_error", param=None, code=None,
+                   headers: dict | None = None):
+    return JSONResponse(api.error_body(message, type, param, code), status_code=status, headers=headers)
 
 
 def create_app(cluster: Cluster, tokenizer, model_name: str, metrics: RouterMetrics,
@@ -33,10 +43,12 @@ def create_app(cluster: Cluster, tokenizer, model_name: str, metrics: RouterMetr
         yield
         await cluster.stop()
 
-    app = FastAPI(title="nano-pd router", lifespan=lifespan)
+    # no redirect to the slash-less path (an empty 307 a POST client cannot follow): routes answer on both
+    app = FastAPI(title="nano-pd router", lifespan=lifespan, redirect_slashes=False)
     _add_access_middleware(app, api_key, max_request_bytes)
     _add_error_handlers(app, metrics)
-    _add_routes(app, cluster, model_name, metrics, chat)
+    _add_routes(app, cluster, model_name, metrics, chat, max_request_bytes)
+    _document(app)
     return app
 
 
@@ -53,7 +65,7 @@ def _add_access_middleware(app: FastAPI, api_key: str | None, max_request_bytes:
         declared = request.headers.get("content-length", "")
         if response is None and declared.isdigit() and int(declared) > max_request_bytes:
             response = error_response(413, f"the request body has {declared} bytes; the limit is "
-                                           f"{max_request_bytes}")
+                                           f"{max_request_bytes}", headers=CLOSE)
         if response is None:
             response = await call_next(request)
         if request_id:
@@ -61,41 +73,186 @@ def _add_access_middleware(app: FastAPI, api_key: str | None, max_request_bytes:
         return response
 
 
+# on an answer given before the whole body was read: the connection cannot carry another request
+CLOSE = {"Connection": "close"}
+
+
 def _add_error_handlers(app: FastAPI, metrics: RouterMetrics):
     @app.exception_handler(api.APIError)
     async def _api_error(_request, e: api.APIError):
         if e.status >= 500:
             metrics.request_errors.labels(status=e.status).inc()
-        return JSONResponse(e.body(), status_code=e.status)
+        return JSONResponse(e.body(), status_code=e.status, headers=CLOSE if e.status == 413 else None)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(_request, e: StarletteHTTPException):
+        # e.headers carries a 405's Allow
         return error_response(e.status_code, str(e.detail), "not_found_error" if e.status_code == 404 else
-                              "invalid_request_error")
+                              "invalid_request_error", headers=e.headers)
 
 
-def _add_routes(app: FastAPI, cluster: Cluster, model_name: str, metrics: RouterMetrics, chat: ChatCompletions):
+def _route(app: FastAPI, method: str, path: str, **doc):
+    """Register a handler at path and, undocumented, at path + "/" (clients that add a slash get the same answer,
+    where redirect_slashes would give them an empty 307)."""
+    def register(handler):
+        app.add_api_route(path, handler, methods=[method], **doc)
+        app.add_api_route(path + "/", handler, methods=[method], include_in_schema=False)
+        return handler
+    return register
+
+
+def _ref(name: str) -> dict:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+ERRORS_DOC = {status: {"description": what, "content": {"application/json": {"schema": _ref("ErrorResponse")}}}
+              for status, what in [(400, "invalid request"), (401, "missing or wrong API key"),
+                                   (404, "unknown model"), (408, "request not received in time"),
+                                   (413, "body over --max-request-bytes"), (503, "the cluster cannot serve")]}
+CHAT_DOC = {
+    "openapi_extra": {"requestBody": {"required": True, "content": {
+        "application/json": {"schema": _ref("ChatCompletionRequest")}}}},
+    "responses": {200: {"description": "a chat.completion, or with stream: server-sent chat.completion.chunk "
+                                       "events", "content": {"application/json": {"schema": _ref("ChatCompletion")},
+                                                             "text/event-stream": {"schema": _ref(
+                                                                 "ChatCompletionChunk")}}},
+                  **ERRORS_DOC}}
+
+
+def _add_routes(app: FastAPI, cluster: Cluster, model_name: str, metrics: RouterMetrics, chat: ChatCompletions,
+                max_request_bytes: int):
     workers = cluster.registry
 
-    @app.get("/health")
+    @_route(app, "GET", "/health")
     async def health():
         if workers.healthy:
             return {"status": "ok"}
         return error_response(503, workers.missing_roles(), "service_unavailable")
 
-    @app.get("/v1/models")
+    @_route(app, "GET", "/v1/models")
     async def models():
         return {"object": "list", "data": [{"id": model_name, "object": "model", "created": api.now(),
                                             "owned_by": "nano-pd", "max_model_len": workers.max_model_len}]}
 
-    @app.get("/metrics")
+    @_route(app, "GET", "/metrics", response_class=PlainTextResponse)  # documented as text/plain
     async def prometheus():
         return PlainTextResponse(metrics.render(), media_type=CONTENT_TYPE)
 
-    @app.get("/cluster")
+    @_route(app, "GET", "/cluster")
     async def cluster_page():
         return {"healthy": workers.healthy, "workers": workers.snapshot()}
 
-    @app.post("/v1/chat/completions")
+    @_route(app, "POST", "/v1/chat/completions", **CHAT_DOC)
     async def chat_completions(request: Request):
-        return await chat.create(await request.body())
+        try:
+            body = await _read_body(request, max_request_bytes)
+        except ClientDisconnect:  # gone (or cut off by --body-timeout) mid-body: nobody is left to answer
+            log.info("%s:%s sent part of a request body, then its connection ended", *(request.client or ("?", 0)))
+            return Response(status_code=400)
+        return await chat.create(body)
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    """The body, read no further than limit: a chunked body declares no length for the middleware to check."""
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise api.APIError(413, f"the request body has more than {limit} bytes, the limit")
+    return bytes(body)
+
+
+def _document(app: FastAPI):
+    """The OpenAPI document with the request, answer and error schemas (msgspec's JSON Schema of the structs the
+    handler decodes with), which FastAPI cannot see since the handler reads the raw body."""
+    generate, components = app.openapi, api.openapi_components()
+
+    def openapi() -> dict:
+        doc = generate()  # FastAPI's, cached
+        doc.setdefault("components", {}).setdefault("schemas", {}).update(components)
+        return doc
+
+    app.openapi = openapi
+
+
+# --- connection limits ----------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class HTTPLimits:
+    header_timeout_s: float = 10.0  # to send a request head, from connecting or from the previous response
+    body_timeout_s: float = 30.0  # to send the rest of the body, from the end of its head
+    keep_alive_s: float = 5.0  # an idle connection is closed after this
+    max_connections: int = 1000  # open at once; a request on one more gets a 503
+
+
+class LimitedH11Protocol(H11Protocol):
+    """uvicorn's h11 protocol with deadlines for reading a request and a cap on open connections. uvicorn arms its
+    keep-alive timer only after a response, and every byte received disarms it, so without these a client that
+    sends nothing, or a request a byte at a time, holds its connection forever. The deadlines run from the start
+    of what the client owes (a head, then a body) and are not reset by data."""
+    limits = HTTPLimits()  # a subclass per server (serve) sets its own
+
+    def connection_made(self, transport):
+        super().connection_made(transport)
+        self._timer, self._owed = None, None
+        if len(self.connections) > self.limits.max_connections:
+            self.app = _too_many_connections  # answers this connection's request, then closes it
+        self._watch()
+
+    def handle_events(self):
+        super().handle_events()
+        self._watch()
+
+    def on_response_complete(self):
+        super().on_response_complete()
+        self._watch()
+
+    def connection_lost(self, exc):
+        if self._timer is not None:
+            self._timer.cancel()
+        super().connection_lost(exc)
+
+    def send_400_response(self, msg: str):
+        # uvicorn's answer to malformed HTTP, in OpenAI's error JSON rather than plain text
+        self.transport.write(_raw_response(400, "Bad Request", msg))
+        self.transport.close()
+
+    def _watch(self):
+        """Arm the deadline for what the client owes now (a request head, the rest of a body, or nothing)."""
+        owed = {h11.IDLE: "head", h11.SEND_BODY: "body"}.get(self.conn.their_state)
+        if owed == self._owed or self.transport.is_closing():
+            return
+        if self._timer is not None:
+            self._timer.cancel()
+        self._owed, self._timer = owed, None
+        if owed is not None:
+            limit = self.limits.header_timeout_s if owed == "head" else self.limits.body_timeout_s
+            self._timer = self.loop.call_later(limit, self._too_slow, limit)
+
+    def _too_slow(self, limit: float):
+        # a 408 for a request begun and not yet answered; an idle connection is closed without one, since its
+        # client may be sending a request right now and would take the 408 for that request's answer
+        begun = self.conn.trailing_data[0] if self._owed == "head" else not self.cycle.response_started
+        if begun:
+            self.transport.write(_raw_response(408, "Request Timeout", f"the request's {self._owed} did not "
+                                                                      f"arrive within {limit:g} s"))
+        self.transport.close()
+
+
+def _raw_response(status: int, reason: str, message: str) -> bytes:
+    body = json.dumps(api.error_body(message)).encode()
+    return (f"HTTP/1.1 {status} {reason}\r\ncontent-type: application/json\r\ncontent-length: {len(body)}\r\n"
+            f"connection: close\r\n\r\n").encode() + body
+
+
+async def _too_many_connections(scope, receive, send):
+    response = error_response(503, "the server has too many open connections; try again later",
+                              "service_unavailable", headers=CLOSE)
+    await response(scope, receive, send)
+
+
+def serve(app: FastAPI, host: str, port: int, limits: HTTPLimits = HTTPLimits()):
+    import uvicorn
+
+    protocol = type("LimitedH11Protocol", (LimitedH11Protocol,), {"limits": limits})
+    uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=5, http=protocol,
+                ws="none", timeout_keep_alive=limits.keep_alive_s)

@@ -72,3 +72,64 @@ def test_chat_without_workers_is_a_counted_503(client):
     r = client.post("/v1/chat/completions", headers=auth(), content=other_model)
     assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
     assert 'nano_pd:request_errors_total{status="503"} 1.0' in client.get("/metrics").text
+
+
+def test_trailing_slash_gets_the_same_answer_not_a_redirect(client):
+    for path in ("/v1/chat/completions", "/v1/chat/completions/"):
+        r = client.post(path, headers=auth(), content=CHAT, follow_redirects=False)
+        assert r.status_code == 503 and r.json()["error"]["type"] == "service_unavailable", (path, r.text)
+        r = client.post(path, headers=auth(), content=b"{", follow_redirects=False)
+        assert r.status_code == 400 and r.json()["error"]["message"].startswith("the body is not valid JSON")
+    r = client.get("/v1/models/", headers=auth(), follow_redirects=False)
+    assert r.status_code == 200 and r.json()["data"][0]["id"] == "tiny"
+
+
+def test_wrong_method_is_a_405_with_allow_and_error_json(client):
+    for path in ("/v1/chat/completions", "/v1/chat/completions/"):
+        r = client.get(path, headers=auth(), follow_redirects=False)
+        assert r.status_code == 405 and r.headers["allow"] == "POST", (path, r.headers)
+        assert r.json()["error"]["type"] == "invalid_request_error"
+    r = client.post("/metrics")
+    assert r.status_code == 405 and r.headers["allow"] == "GET" and set(r.json()["error"]) == {
+        "message", "type", "param", "code"}
+
+
+def test_chunked_body_over_the_limit_is_a_413_that_closes_the_connection(client):
+    chunks = (b"x" * 400 for _ in range(10))  # no Content-Length: the middleware cannot refuse it up front
+    r = client.post("/v1/chat/completions", headers=auth(), content=chunks)
+    assert r.status_code == 413 and "1000" in r.json()["error"]["message"]
+    assert r.headers["connection"] == "close"
+
+
+def test_openapi_describes_the_bodies_and_metrics_as_text(client):
+    doc = client.get("/openapi.json").json()
+    schemas = doc["components"]["schemas"]
+
+    def resolve(schema: dict) -> dict:
+        ref = schema["$ref"]
+        assert ref.startswith("#/components/schemas/")
+        return schemas[ref.rsplit("/", 1)[1]]
+
+    chat = doc["paths"]["/v1/chat/completions"]["post"]
+    assert "/v1/chat/completions/" not in doc["paths"]  # served, not documented twice
+    request = resolve(chat["requestBody"]["content"]["application/json"]["schema"])
+    assert request["required"] == ["messages"]
+    assert {"messages", "model", "stream", "max_tokens", "max_completion_tokens", "temperature", "top_p", "seed",
+            "stop", "n", "logprobs", "top_logprobs", "logit_bias", "response_format", "tools",
+            "tool_choice"} <= set(request["properties"])
+    seed = request["properties"]["seed"]["anyOf"][0]
+    assert (seed["type"], seed["minimum"], seed["maximum"]) == ("integer", -2**63, 2**63 - 1)
+    message = resolve(request["properties"]["messages"]["items"])
+    assert {"role", "content", "tool_calls"} <= set(message["properties"])
+
+    ok = chat["responses"]["200"]["content"]
+    completion = resolve(ok["application/json"]["schema"])
+    assert {"id", "object", "created", "model", "choices", "usage"} <= set(completion["properties"])
+    assert "choices" in resolve(ok["text/event-stream"]["schema"])["properties"]
+    for status in ("400", "401", "404", "413", "503"):
+        error = resolve(chat["responses"][status]["content"]["application/json"]["schema"])
+        detail = resolve(error["properties"]["error"])
+        assert set(detail["properties"]) == {"message", "type", "param", "code"}
+
+    metrics = doc["paths"]["/metrics"]["get"]["responses"]["200"]["content"]
+    assert list(metrics) == ["text/plain"]
