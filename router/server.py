@@ -109,14 +109,12 @@ ERRORS_DOC = {status: {"description": what, "content": {"application/json": {"sc
               for status, what in [(400, "invalid request"), (401, "missing or wrong API key"),
                                    (404, "unknown model"), (408, "request not received in time"),
                                    (413, "body over --max-request-bytes"), (503, "the cluster cannot serve")]}
-CHAT_DOC = {
-    "openapi_extra": {"requestBody": {"required": True, "content": {
-        "application/json": {"schema": _ref("ChatCompletionRequest")}}}},
-    "responses": {200: {"description": "a chat.completion, or with stream: server-sent chat.completion.chunk "
-                                       "events", "content": {"application/json": {"schema": _ref("ChatCompletion")},
-                                                             "text/event-stream": {"schema": _ref(
-                                                                 "ChatCompletionChunk")}}},
-                  **ERRORS_DOC}}
+CHAT_OK = {"description": "a chat.completion; with stream, server-sent chat.completion.chunk events",
+           "content": {"application/json": {"schema": _ref("ChatCompletion")},
+                       "text/event-stream": {"schema": _ref("ChatCompletionChunk")}}}
+CHAT_DOC = {"openapi_extra": {"requestBody": {"required": True, "content": {
+                "application/json": {"schema": _ref("ChatCompletionRequest")}}}},
+            "responses": {200: CHAT_OK, **ERRORS_DOC}}
 
 
 def _add_routes(app: FastAPI, cluster: Cluster, model_name: str, metrics: RouterMetrics, chat: ChatCompletions,
