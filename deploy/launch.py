@@ -67,7 +67,7 @@ def build_commands(spec: Spec, model_arg: str, served_name: str, router: str | N
             commands.append((f"{role}-{i}", [py, "-m", *module, "--router", router, "--model", model_arg,
                                              "--served-model-name", served_name, "--host", spec.host,
                                              "--kv-transport", spec.kv_transport,
-                                             "--threads", str(spec.threads_per_worker), "--name", f"{role}-{i}",
+                                             "--threads", str(part.threads), "--name", f"{role}-{i}",
                                              *part.args]))
     return commands
 
@@ -103,8 +103,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--control-port", type=int, help="router ZeroMQ control port (default port + 100)")
     p.add_argument("--kv-transport", choices=KV_TRANSPORTS, help="default auto")
     p.add_argument("--threads-per-worker", type=int, metavar="T",
-                   help="torch threads per worker process (default max(1, cpu_count // processes), where a "
-                        "worker counts its --tensor-parallel-size ranks)")
+                   help="torch threads per worker process (default: decode and mixed workers split the cores, "
+                        "prefill workers split them again among all worker processes; a worker counts its "
+                        "--tensor-parallel-size ranks; see deploy/spec.py default_threads)")
     # argparse reads a lone "--flag" as an option of ours, so such a value needs the = form: --decode-args=--flag
     p.add_argument("--prefill-args", metavar='"..."',
                    help='extra flags for every prefill worker (one flag alone: --prefill-args="--flag")')

@@ -45,7 +45,7 @@ class ClusterSpecFile(msgspec.Struct, forbid_unknown_fields=True):
     port: int = 8000
     control_port: int | None = None  # port + 100
     kv_transport: Literal[KV_TRANSPORTS] = "auto"
-    threads_per_worker: int | None = None  # cpu_count // the processes of the workers
+    threads_per_worker: int | None = None  # per role: see default_threads
     args: str | list[str] = ""  # extra flags for every worker, before its role's own
     prefill: RoleFile = msgspec.field(default_factory=RoleFile)
     decode: RoleFile = msgspec.field(default_factory=RoleFile)
@@ -78,6 +78,7 @@ class Role(msgspec.Struct):
     workers: int
     args: list[str]  # passed on to every worker of the role as they are (the spec's args for all, then its own)
     engine: EngineArgs  # what they set
+    threads: int = 1  # torch threads of each of its processes
 
 
 class Spec(msgspec.Struct):
@@ -87,7 +88,6 @@ class Spec(msgspec.Struct):
     port: int
     control_port: int
     kv_transport: str
-    threads_per_worker: int
     prefill: Role
     decode: Role
     mixed: Role
@@ -98,6 +98,20 @@ class Spec(msgspec.Struct):
     def shape(self) -> str:
         """The workers in words, e.g. "1 prefill, 1 decode"."""
         return ", ".join(f"{part.workers} {role}" for role, part in self.roles() if part.workers or role != "mixed")
+
+
+def default_threads(role: str, roles: dict[str, Role]) -> int:
+    """Torch threads per process when the spec names none. The workers that decode (decode and mixed) split all
+    cores between them; prefill workers split them again among every worker process, on top. A prefill worker
+    computes in bursts and idles between prompts, so giving decode only what is left when all are busy starves
+    it (on 2 cores, 1P1D at 32 in flight: 1+1 threads 37 out tok/s, decode 2 + prefill 1 55, 2+2 with passive
+    OpenMP waiting 52; README "Serving shapes"). A worker with --tensor-parallel-size N is N processes."""
+    def processes(*names: str) -> int:
+        return sum(roles[r].workers * roles[r].engine.tensor_parallel_size for r in names)
+
+    cores = os.cpu_count() or 1
+    share = processes("decode", "mixed") if role != "prefill" else processes("prefill", "decode", "mixed")
+    return max(1, cores // max(1, share))
 
 
 def resolve(values: ClusterSpecFile) -> Spec:
@@ -112,16 +126,13 @@ def resolve(values: ClusterSpecFile) -> Spec:
         roles[role] = Role(workers, argv, parse_role_args(role, argv))
     if any(role.workers < 0 for role in roles.values()):
         raise ValueError("worker counts cannot be negative")
-    threads = values.threads_per_worker
-    if threads is None:
-        # a worker with --tensor-parallel-size N runs N processes, each with the worker's thread count
-        processes = sum(role.workers * role.engine.tensor_parallel_size for role in roles.values())
-        threads = max(1, (os.cpu_count() or 1) // max(1, processes))
-    if threads < 1:
+    if values.threads_per_worker is not None and values.threads_per_worker < 1:
         raise ValueError("threads_per_worker must be >= 1")
+    for role, part in roles.items():
+        part.threads = values.threads_per_worker or default_threads(role, roles)
     control_port = values.port + 100 if values.control_port is None else values.control_port
     return Spec(model=values.model, host=values.host, port=values.port, control_port=control_port,
-                kv_transport=values.kv_transport, threads_per_worker=threads, **roles)
+                kv_transport=values.kv_transport, **roles)
 
 
 class _RaisingParser(argparse.ArgumentParser):

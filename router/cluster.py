@@ -163,11 +163,18 @@ class Cluster:
             asyncio.create_task(self._reissue(req, f"{worker.info.role} worker {worker.worker_id} died"))
 
     # --- requests -------------------------------------------------------------------------------------------
+    async def wait_until_healthy(self):
+        """Return once the cluster can serve a request; a cluster still starting (or restarting its only worker of a
+        role) gets migrate_wait_s to get there, then a ClusterError says what is missing."""
+        deadline = time.monotonic() + self.migrate_wait_s
+        while not self.registry.healthy:
+            if time.monotonic() >= deadline:
+                raise ClusterError(self.registry.missing_roles())
+            await asyncio.sleep(0.1)
+
     async def submit(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> RequestState:
-        if not self.registry.healthy:
-            raise ClusterError(self.registry.missing_roles())
         req = RequestState(request_id, prompt_ids, params, asyncio.Queue())
-        await self._dispatch(req, wait_s=0.0)
+        await self._dispatch(req, wait_s=self.migrate_wait_s)
         return req
 
     def fork(self, parent: RequestState, request_id: str, params: SamplingParams) -> RequestState:

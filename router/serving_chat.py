@@ -5,10 +5,10 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import hashlib
-import json
 import logging
 import time
 
+import msgspec
 from fastapi.responses import StreamingResponse
 
 from common.errors import InvalidRequestError
@@ -48,12 +48,14 @@ class ChatCompletions:
             raise api.APIError(404, f"The model `{req.model}` does not exist.", param="model",
                                code="model_not_found")
         await self._check_tool_schemas(req)
-        registry = self.cluster.registry
-        max_model_len = registry.max_model_len
-        if max_model_len is None or not registry.healthy:
-            raise api.APIError(503, registry.missing_roles(), "service_unavailable")
-        prompt = self._render(req)
-        prompt_ids = self.tokenizer.encode(prompt, add_special_tokens=False)
+        try:  # a cluster still starting gets --migrate-wait to be ready: a client polling /v1/models loses nothing
+            await self.cluster.wait_until_healthy()
+        except ClusterError as e:
+            raise api.APIError(503, str(e), "service_unavailable") from None
+        max_model_len = self.cluster.registry.max_model_len
+        # jinja and the tokenizer take milliseconds for a long conversation: off the event loop, which meanwhile
+        # keeps streaming everyone else's tokens
+        prompt, prompt_ids = await asyncio.to_thread(self._render_and_tokenize, req)
         params = api.sampling_params(req, len(prompt_ids), max_model_len)
         grammar = await self._grammar(req)
         if grammar is not None:
@@ -64,13 +66,14 @@ class ChatCompletions:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         return StreamingResponse(self._stream(reply, include_usage), media_type="text/event-stream")
 
-    def _render(self, req: api.ChatCompletionRequest) -> str:
+    def _render_and_tokenize(self, req: api.ChatCompletionRequest) -> tuple[str, list[int]]:
         try:
-            return self.tokenizer.apply_chat_template(
+            prompt = self.tokenizer.apply_chat_template(
                 api.chat_messages(req), tools=api.tool_dicts(req) if api.tools_active(req) else None,
                 add_generation_prompt=True, tokenize=False, **(req.chat_template_kwargs or {}))
         except Exception as e:  # jinja raises for conversations a template refuses (e.g. role order)
             raise api.APIError(400, f"the chat template cannot render these messages: {e}", param="messages")
+        return prompt, self.tokenizer.encode(prompt, add_special_tokens=False)
 
     async def _grammar(self, req: api.ChatCompletionRequest) -> GrammarSpec | None:
         """The output constraint of a request: response_format / structured_outputs, or the tool-call syntax that
@@ -123,7 +126,8 @@ class ChatCompletions:
         try:
             first = await self.cluster.submit(f"{request_id}-0", prompt_ids, params)
         except ClusterError as e:
-            raise api.APIError(503, str(e), "service_unavailable") from None
+            raise api.APIError(e.status, str(e), "service_unavailable" if e.status == 503 else
+                               "invalid_request_error") from None
         states = [first] + [self.cluster.fork(first, f"{request_id}-{i}", api.choice_params(params, i))
                             for i in range(1, req.n or 1)]
         runs = [Generation(self.cluster, self.metrics, s, IncrementalDetokenizer(
@@ -150,7 +154,7 @@ class ChatCompletions:
                                       self._logprobs(reply, ids, entries)))
         return api.completion(reply.request_id, self.model_name, reply.created, choices, reply.usage())
 
-    def _chunk(self, reply: Reply, index: int, delta: dict, finish_reason=None, logprobs=None) -> str:
+    def _chunk(self, reply: Reply, index: int, delta: dict, finish_reason=None, logprobs=None) -> bytes:
         return sse(api.chunk(reply.request_id, self.model_name, reply.created, index, delta, finish_reason, logprobs))
 
     async def _stream(self, reply: Reply, include_usage: bool):
@@ -166,7 +170,7 @@ class ChatCompletions:
                 index, item = await merged.get()
                 if isinstance(item, api.APIError):
                     yield sse(item.body())
-                    yield "data: [DONE]\n\n"
+                    yield b"data: [DONE]\n\n"
                     return
                 if item is None:
                     pending -= 1
@@ -175,13 +179,13 @@ class ChatCompletions:
             if include_usage:
                 yield sse({"id": reply.request_id, "object": "chat.completion.chunk", "created": reply.created,
                            "model": self.model_name, "choices": [], "usage": reply.usage()})
-            yield "data: [DONE]\n\n"
+            yield b"data: [DONE]\n\n"
         finally:
             for task in tasks:
                 task.cancel()
             reply.close()
 
-    def _choice_chunks(self, reply: Reply, index: int, item) -> list[str]:
+    def _choice_chunks(self, reply: Reply, index: int, item) -> list[bytes]:
         """The chunks of one choice's delta (text, token ids, logprobs entries), or of its end (item None)."""
         parser = reply.parsers[index]
         if item is None:
@@ -211,8 +215,8 @@ def _schema_error(text: str) -> str | None:
     return None
 
 
-def sse(obj) -> str:
-    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+def sse(obj) -> bytes:
+    return b"data: " + msgspec.json.encode(obj) + b"\n\n"
 
 
 async def _pump(index: int, run: Generation, merged: asyncio.Queue):

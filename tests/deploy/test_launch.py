@@ -273,14 +273,15 @@ def test_dry_run_from_flags(capsys, monkeypatch):
                                  "--max-num-batched-tokens", "4096", "--speculative-config", '{"method": "ngram"}']
     assert cmds["decode-2"][:3] == [PY, "-m", "decode_worker"]
     assert cmds["decode-2"][-4:] == ["--name", "decode-2", "--max-num-seqs", "8"]
-    assert flag(cmds["decode-2"], "--threads") == "3"  # 16 cores // 5 workers
+    assert flag(cmds["decode-2"], "--threads") == "5"  # 16 cores // 3 decode workers
+    # (prefill-1's 3 above: 16 cores // 5 workers, on top)
     # each tensor-parallel rank is a process of its own: 2 x 2 prefill ranks + 3 decode workers share 16 cores
     cmds = dry_run(capsys, "--prefill-workers", "2", "--decode-workers", "3",
                    "--prefill-args", "--tensor-parallel-size 2")
-    assert flag(cmds["decode-2"], "--threads") == "2"
+    assert (flag(cmds["prefill-1"], "--threads"), flag(cmds["decode-2"], "--threads")) == ("2", "5")
     cmds = dry_run(capsys, "--prefill-workers", "2", "--decode-workers", "3",
-                   "--prefill-args=--tensor-parallel-size=2")
-    assert flag(cmds["decode-2"], "--threads") == "2"
+                   "--decode-args=--tensor-parallel-size=2")
+    assert (flag(cmds["prefill-1"], "--threads"), flag(cmds["decode-2"], "--threads")) == ("2", "2")
 
 
 def test_dry_run_defaults_pass_the_default_name_through(capsys, monkeypatch):
@@ -292,7 +293,8 @@ def test_dry_run_defaults_pass_the_default_name_through(capsys, monkeypatch):
     assert (flag(cmds["router"], "--port"), flag(cmds["router"], "--control-port")) == ("8000", "8100")
     assert flag(cmds["decode-0"], "--router") == "127.0.0.1:8100"
     assert flag(cmds["decode-0"], "--kv-transport") == "auto"
-    assert flag(cmds["decode-0"], "--threads") == "1"
+    # on 2 cores decode gets both, prefill one (README "Serving shapes")
+    assert (flag(cmds["prefill-0"], "--threads"), flag(cmds["decode-0"], "--threads")) == ("1", "2")
 
 
 def test_dry_run_from_a_toml_file_with_flags_overriding_it(capsys, tmp_path):

@@ -19,8 +19,9 @@ CHAT = json.dumps({"messages": [{"role": "user", "content": "hi"}]})
 @pytest.fixture
 def client():
     metrics = RouterMetrics("tiny")
-    app = create_app(Cluster("tiny", "127.0.0.1", 1, metrics=metrics), tokenizer=None, model_name="tiny",
-                     metrics=metrics, api_key=KEY, max_request_bytes=1000, vocab_size=32)
+    cluster = Cluster("tiny", "127.0.0.1", 1, migrate_wait_s=0.0, metrics=metrics)  # no workers: 503 at once
+    app = create_app(cluster, tokenizer=None, model_name="tiny", metrics=metrics, api_key=KEY, max_request_bytes=1000,
+                     vocab_size=32)
     return TestClient(app)
 
 

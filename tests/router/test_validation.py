@@ -35,6 +35,9 @@ class FakeCluster:
         state.events.put_nowait(("tokens", [prompt_ids[-1]], "length", None))
         return state
 
+    async def wait_until_healthy(self):
+        pass
+
     async def submit(self, request_id, prompt_ids, params):
         return self._state(request_id, prompt_ids, params)
 

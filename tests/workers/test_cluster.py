@@ -291,7 +291,8 @@ def test_garbage_on_every_zmq_port_crashes_nothing(cluster, offline):
 
 
 def test_no_live_worker_is_a_clear_503(model_dir):
-    with LocalCluster(model_dir, 0, 0) as c:
+    # a request waits --migrate-wait for a missing role to join before it is refused
+    with LocalCluster(model_dir, 0, 0, router_args=("--migrate-wait", "1")) as c:
         assert c.get("/health")[0] == 503
         status, got = post(c, GOOD)
         assert status == 503 and "no live prefill or decode worker" in got["error"]["message"]

@@ -63,3 +63,16 @@ def test_decode_worker_prefills_short_uncached_tails_itself(model_dir, offline):
         assert first == again == offline(ps, 8)
         assert local_prefills(c, "decode") == len(ps)
         wait_no_leaks(c)
+
+
+def test_a_request_sent_while_the_cluster_starts_waits_for_its_worker(model_dir, offline):
+    """A client that takes the router's first answer as readiness loses nothing: its request waits (up to
+    --migrate-wait) for the worker that is still loading, instead of failing at once."""
+    with LocalCluster(model_dir, prefill=0, decode=0) as c:
+        assert c.get("/health")[0] == 503 and c.get("/v1/models")[0] == 200
+        c.add("mixed", wait=False)
+        status, _, got = c.post("/v1/chat/completions", {"model": "tiny", "max_tokens": 8, "temperature": 0,
+                                                         "messages": [{"role": "user", "content": "river"}]})
+        assert status == 200, got
+        assert got["choices"][0]["message"]["content"] == offline(["river"], 8)[0]
+        assert c.get("/health")[0] == 200
