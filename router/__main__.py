@@ -22,7 +22,8 @@ def main(argv=None):
     ap.add_argument("--heartbeat-timeout", type=float, default=2.0,
                     help="seconds without a heartbeat before a worker is declared dead")
     ap.add_argument("--migrate-wait", type=float, default=10.0,
-                    help="seconds a request whose worker died waits for a live one before it fails")
+                    help="seconds a request waits for a live worker (its own died, or the cluster is still "
+                         "starting) before it fails")
     ap.add_argument("--request-timeout", type=float, default=600.0,
                     help="seconds a request may go without any token before it fails")
     ap.add_argument("--api-key", default=os.environ.get("NANO_PD_API_KEY"),

@@ -290,6 +290,37 @@ def test_garbage_on_every_zmq_port_crashes_nothing(cluster, offline):
     assert status == 200 and got["choices"][0]["message"]["content"] == offline(["hi"], 12)[0]
 
 
+def test_worker_messages_from_other_sockets_are_dropped(cluster, offline):
+    """Tokens and KV-transfer reports count only from a live worker's events socket: a stranger (or one that
+    borrows a worker's events identity) can neither inflate the metrics nor raise in them."""
+    from common.cluster.protocol import KVTransferred, TokenOutput, Tokens, encode, events_identity
+
+    def kv_bytes() -> float:
+        return metric_value(cluster.get("/metrics")[1].decode(), "nano_pd:kv_transfer_bytes_total")
+
+    before = kv_bytes()
+    decode_id = cluster.alive("decode")[0]["worker_id"]
+    ctx = zmq.Context()
+    try:
+        for identity in (None, events_identity(decode_id), decode_id.encode()):
+            s = ctx.socket(zmq.DEALER)
+            s.setsockopt(zmq.LINGER, 0)
+            if identity is not None:
+                s.setsockopt(zmq.IDENTITY, identity)
+            s.connect(f"tcp://127.0.0.1:{cluster.control_port}")
+            for msg in (KVTransferred(10**9, 1.0), KVTransferred(-5, 1.0),
+                        Tokens(decode_id, [TokenOutput("nobody#0", [1], "stop")])):
+                s.send(encode(msg))
+            time.sleep(0.3)
+            s.close()
+    finally:
+        ctx.term()
+    assert kv_bytes() == before
+    status, got = post(cluster, {**GOOD, "max_tokens": 12, "temperature": 0})
+    assert status == 200 and got["choices"][0]["message"]["content"] == offline(["hi"], 12)[0]
+    assert kv_bytes() > before  # the real prefill worker's report of that request does count
+
+
 def test_no_live_worker_is_a_clear_503(model_dir):
     # a request waits --migrate-wait for a missing role to join before it is refused
     with LocalCluster(model_dir, 0, 0, router_args=("--migrate-wait", "1")) as c:
