@@ -2,14 +2,17 @@
 import argparse
 
 from common.cluster.flags import worker_parser
+from common.cluster.runtime import announce_starting
 
 
 def main(argv=None):
     ap = worker_parser("decode", argparse.ArgumentParser(prog="python -m decode_worker", description=__doc__))
     args = ap.parse_args(argv)
-    from decode_worker.worker import DecodeWorker
+    with announce_starting(args, args.role):  # the imports and the model load take seconds
+        from decode_worker.worker import DecodeWorker
 
-    DecodeWorker(args).run()
+        worker = DecodeWorker(args)
+    worker.run()
 
 
 if __name__ == "__main__":

@@ -2,14 +2,17 @@
 import argparse
 
 from common.cluster.flags import worker_parser
+from common.cluster.runtime import announce_starting
 
 
 def main(argv=None):
     ap = worker_parser("prefill", argparse.ArgumentParser(prog="python -m prefill_worker", description=__doc__))
     args = ap.parse_args(argv)
-    from prefill_worker.worker import PrefillWorker
+    with announce_starting(args, "prefill"):  # the imports and the model load take seconds
+        from prefill_worker.worker import PrefillWorker
 
-    PrefillWorker(args).run()
+        worker = PrefillWorker(args)
+    worker.run()
 
 
 if __name__ == "__main__":

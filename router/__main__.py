@@ -23,7 +23,8 @@ def main(argv=None):
                     help="seconds without a heartbeat before a worker is declared dead")
     ap.add_argument("--migrate-wait", type=float, default=10.0,
                     help="seconds a request waits for a live worker (its own died, or the cluster is still "
-                         "starting) before it fails")
+                         "starting) before it fails; longer, up to --request-timeout, while a worker announces that "
+                         "it is loading")
     ap.add_argument("--request-timeout", type=float, default=600.0,
                     help="seconds a request may go without any token before it fails")
     ap.add_argument("--api-key", default=os.environ.get("NANO_PD_API_KEY"),
@@ -60,7 +61,8 @@ def main(argv=None):
     tokenizer = AutoTokenizer.from_pretrained(folder)
     metrics = RouterMetrics(name)
     cluster = Cluster(name, args.control_host or args.host, args.control_port or args.port + 100,
-                      heartbeat_timeout_s=args.heartbeat_timeout, migrate_wait_s=args.migrate_wait, metrics=metrics)
+                      heartbeat_timeout_s=args.heartbeat_timeout, migrate_wait_s=args.migrate_wait,
+                      request_timeout_s=args.request_timeout, metrics=metrics)
     with open(os.path.join(folder, "config.json")) as f:
         vocab_size = json.load(f).get("vocab_size")  # the model's, which may exceed the tokenizer's
     app = create_app(cluster, tokenizer, name, metrics, request_timeout_s=args.request_timeout,

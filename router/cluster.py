@@ -18,7 +18,7 @@ import zmq.asyncio
 
 from common.block_hash import block_hashes
 from common.cluster.protocol import (MIXED, PREFILL, Abort, Admit, Decoder, Heartbeat, KVTransferred, PeerGone,
-                                     Rejected, RouterInbound, TokenOutput, Tokens, encode)
+                                     Rejected, RouterInbound, Starting, TokenOutput, Tokens, encode)
 from common.sampling_params import SamplingParams
 from router import routing
 from router.registry import Worker, WorkerRegistry
@@ -68,10 +68,12 @@ class RequestState:
 
 class Cluster:
     def __init__(self, model_name: str, control_host: str, control_port: int, heartbeat_timeout_s: float = 2.0,
-                 migrate_wait_s: float = 10.0, admit_timeout_s: float = 60.0, metrics=None):
+                 migrate_wait_s: float = 10.0, admit_timeout_s: float = 60.0, request_timeout_s: float = 600.0,
+                 metrics=None):
         self.registry = WorkerRegistry(model_name, heartbeat_timeout_s)
         self.endpoint = f"tcp://{control_host}:{control_port}"
         self.migrate_wait_s = migrate_wait_s
+        self.request_timeout_s = request_timeout_s
         self.admit_timeout_s = admit_timeout_s
         self.metrics = metrics
         if metrics is not None:
@@ -112,6 +114,9 @@ class Cluster:
                     reply = self.registry.heartbeat(frames[0], msg)
                     if reply is not None:
                         await self._reply(frames[0], reply)
+                    continue
+                if isinstance(msg, Starting):
+                    self.registry.note_starting(frames[0], msg)
                     continue
                 # the rest only from a live worker's events socket, and about that worker's own requests
                 sender = self.registry.sender(frames[0])
@@ -163,18 +168,26 @@ class Cluster:
             asyncio.create_task(self._reissue(req, f"{worker.info.role} worker {worker.worker_id} died"))
 
     # --- requests -------------------------------------------------------------------------------------------
+    def _keep_waiting(self, since: float) -> bool:
+        """Whether a request waiting for workers since `since` waits on: for migrate_wait_s, and beyond while a
+        worker announces that it is loading (a restart the supervisor made), up to the request's own timeout."""
+        waited = time.monotonic() - since
+        if waited < self.migrate_wait_s:
+            return True
+        return waited < self.request_timeout_s and bool(self.registry.starting_roles())
+
     async def wait_until_healthy(self):
-        """Return once the cluster can serve a request; a cluster still starting (or restarting its only worker of a
-        role) gets migrate_wait_s to get there, then a ClusterError says what is missing."""
-        deadline = time.monotonic() + self.migrate_wait_s
+        """Return once the cluster can serve a request; one still starting (or restarting its only worker of a
+        role) gets the time _keep_waiting gives, then a ClusterError says what is missing."""
+        since = time.monotonic()
         while not self.registry.healthy:
-            if time.monotonic() >= deadline:
+            if not self._keep_waiting(since):
                 raise ClusterError(self.registry.missing_roles())
             await asyncio.sleep(0.1)
 
     async def submit(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> RequestState:
         req = RequestState(request_id, prompt_ids, params, asyncio.Queue())
-        await self._dispatch(req, wait_s=self.migrate_wait_s)
+        await self._dispatch(req, wait=True)
         return req
 
     def fork(self, parent: RequestState, request_id: str, params: SamplingParams) -> RequestState:
@@ -193,7 +206,7 @@ class Cluster:
         if req.done:  # aborted (the client left) before its turn came
             return
         try:
-            await self._dispatch(req, wait_s=self.migrate_wait_s)
+            await self._dispatch(req, wait=True)
         except ClusterError as e:
             self._fail(req, str(e), e.status)
 
@@ -210,15 +223,15 @@ class Cluster:
             prefill, _ = routing.pick_prefill(self.registry.alive(PREFILL), tokens)
         return decode, prefill
 
-    async def _dispatch(self, req: RequestState, wait_s: float):
-        """Send req's current attempt to a decode worker (with a prefill worker) or a mixed one, waiting up to
-        wait_s for live workers to join."""
-        deadline = time.monotonic() + wait_s
+    async def _dispatch(self, req: RequestState, wait: bool):
+        """Send req's current attempt to a decode worker (with a prefill worker) or a mixed one; with wait, as long
+        as _keep_waiting says for live workers to join."""
+        since = time.monotonic()
         while True:
             decode, prefill = self._route(req)
             if decode is not None and (prefill is not None or decode.info.role == MIXED):
                 break
-            if time.monotonic() >= deadline:
+            if not wait or not self._keep_waiting(since):
                 raise ClusterError(self.registry.missing_roles())
             await asyncio.sleep(0.1)
         tokens = req.prompt_ids + req.output_ids
@@ -256,7 +269,7 @@ class Cluster:
             return self._fail(req, f"request failed after {req.attempt} attempts; last: {why}")
         log.info("re-issuing %s with %d tokens already streamed (%s)", req.request_id, len(req.output_ids), why)
         try:
-            await self._dispatch(req, wait_s=self.migrate_wait_s)
+            await self._dispatch(req, wait=True)
         except ClusterError as e:
             self._fail(req, f"{why}, and the request could not move: {e}", e.status)
 
@@ -277,7 +290,7 @@ class Cluster:
         if req.done:
             return
         try:
-            await self._dispatch(req, wait_s=0.0)
+            await self._dispatch(req, wait=False)
         except ClusterError as e:
             self._fail(req, str(e), e.status)
 

@@ -15,8 +15,8 @@ from typing import Awaitable, Callable
 
 import msgspec
 
-from common.cluster.protocol import (DECODE, MIXED, PREFILL, ROLES, Heartbeat, Registered, WorkerInfo, WorkerLoad,
-                                     events_identity)
+from common.cluster.protocol import (DECODE, MIXED, PREFILL, ROLES, Heartbeat, Registered, Starting, WorkerInfo,
+                                     WorkerLoad, events_identity, starting_identity)
 
 log = logging.getLogger("nano_pd.router")
 
@@ -44,6 +44,7 @@ class WorkerRegistry:
         self.model_name = model_name
         self.heartbeat_timeout_s = heartbeat_timeout_s
         self.workers: dict[str, Worker] = {}
+        self.starting: dict[str, tuple[str, float]] = {}  # worker id -> (role, last announcement): still loading
         # (kv transport, layout hash) every prefill and decode worker must share; mixed workers exchange no KV
         self._reference: tuple[str, str] | None = None
         # cumulative counters of workers no longer listed, by role, so cluster totals never go down
@@ -78,6 +79,18 @@ class WorkerRegistry:
             return "cluster unavailable"
         return f"no live {' or '.join(missing)} worker in the cluster"
 
+    def note_starting(self, identity: bytes, msg: Starting):
+        """A worker announced that it is loading (common.cluster.runtime.announce_starting)."""
+        if identity == starting_identity(msg.worker_id) and msg.role in ROLES and msg.worker_id not in self.workers:
+            self.starting[msg.worker_id] = (msg.role, time.monotonic())
+
+    def starting_roles(self) -> set[str]:
+        """The roles of the workers still loading (announced within the heartbeat timeout, not registered yet)."""
+        now = time.monotonic()
+        for wid in [w for w, (_, seen) in self.starting.items() if now - seen > self.heartbeat_timeout_s]:
+            del self.starting[wid]
+        return {role for role, _ in self.starting.values()}
+
     # --- joining and heartbeats -----------------------------------------------------------------------------
     def heartbeat(self, identity: bytes, hb: Heartbeat) -> Registered | None:
         """Record a heartbeat from the socket identity; the reply it needs (a registration's verdict, or the
@@ -94,6 +107,7 @@ class WorkerRegistry:
             log.error("refusing worker %s: %s", info.worker_id, error)
             return Registered(False, error)
         self.workers[info.worker_id] = Worker(info, hb.load, now)
+        self.starting.pop(info.worker_id, None)
         if self._reference is None and info.role != MIXED:
             self._reference = (info.kv_transport, info.kv_layout_hash)
         log.info("worker %s joined (%s, %d blocks, inbox %s)", info.worker_id, info.role, info.num_blocks,

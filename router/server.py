@@ -138,7 +138,8 @@ def _add_routes(app: FastAPI, cluster: Cluster, model_name: str, metrics: Router
 
     @_route(app, "GET", "/cluster")
     async def cluster_page():
-        return {"healthy": workers.healthy, "workers": workers.snapshot()}
+        return {"healthy": workers.healthy, "workers": workers.snapshot(),
+                "starting": sorted(workers.starting_roles())}
 
     @_route(app, "POST", "/v1/chat/completions", **CHAT_DOC)
     async def chat_completions(request: Request):

@@ -5,6 +5,8 @@
 * session fixtures: tiny model folders (built once per session under
   tmp_path_factory) and the converted SmolLM2 folder; HF references are cached
   for the session inside tests/support/hf_reference.py.
+* module fixtures of the end-to-end tests: the tiny model they serve (model_dir)
+  and the offline engine they are checked against (offline).
 """
 
 from __future__ import annotations
@@ -51,3 +53,31 @@ def smollm2_dir():
     from common.models.gguf import default_gguf_path, gguf_to_hf_folder
 
     return gguf_to_hf_folder(default_gguf_path())
+
+
+@pytest.fixture(scope="module")
+def model_dir(tiny_model_factory):
+    """The model the end-to-end cluster tests serve (tests.support.tiny_models.SERVING_TINY)."""
+    from tests.support.tiny_models import SERVING_TINY
+
+    return str(tiny_model_factory(SERVING_TINY))
+
+
+@pytest.fixture(scope="module")
+def offline(model_dir):
+    """reference(prompts, max_tokens, ignore_eos) -> texts of the offline engine (colocated, greedy)."""
+    from common import SamplingParams
+    from common.engine import LLM
+
+    llm = LLM(model_dir, num_kv_blocks=2048)
+    cache = {}
+
+    def reference(prompts: list[str], max_tokens: int, ignore_eos: bool = False) -> list[str]:
+        key = (tuple(prompts), max_tokens, ignore_eos)
+        if key not in cache:
+            params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=ignore_eos)
+            outs = llm.chat([[{"role": "user", "content": p}] for p in prompts], params)
+            cache[key] = [o["text"] for o in outs]
+        return cache[key]
+
+    return reference

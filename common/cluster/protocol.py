@@ -2,6 +2,7 @@
 
 Sockets (all ZeroMQ):
   router  ROUTER  <- worker DEALER "control" (identity = worker id): Heartbeat up; Registered/Admit/Abort/PeerGone down
+          ROUTER  <- worker DEALER "starting" (identity = starting_identity(worker id)): Starting, while it loads
           ROUTER  <- worker DEALER "events" (identity = events_identity(worker id)): Tokens, Rejected (decode),
                      KVTransferred (prefill); the router takes them only from registered, live workers
   worker  PULL "inbox" <- peers' PUSH: PrefillTask (decode -> prefill), PrefillDone (prefill -> decode)
@@ -57,6 +58,13 @@ class Heartbeat(msgspec.Struct, tag="heartbeat"):
     """Sent every HEARTBEAT_INTERVAL_S; the first one registers the worker (so a restarted router relearns all)."""
     info: WorkerInfo
     load: WorkerLoad
+
+
+class Starting(msgspec.Struct, tag="starting"):
+    """Sent while a worker loads, before its first heartbeat (from starting_identity(worker id)): a worker of this
+    role is on its way, so requests waiting for one may wait longer, up to their own timeout."""
+    worker_id: str
+    role: str
 
 
 class TokenOutput(msgspec.Struct, array_like=True):
@@ -141,12 +149,17 @@ class PrefillDone(msgspec.Struct, tag="prefill_done"):
     logprobs: dict[int, float] | None = None  # of the first token
 
 
-RouterInbound = Heartbeat | Tokens | Rejected | KVTransferred
+RouterInbound = Heartbeat | Starting | Tokens | Rejected | KVTransferred
 
 
 def events_identity(worker_id: str) -> bytes:
     """The identity of a worker's events socket (its control socket's is the worker id itself)."""
     return f"{worker_id}/events".encode()
+
+
+def starting_identity(worker_id: str) -> bytes:
+    """The identity of the socket a worker announces itself on while it loads."""
+    return f"{worker_id}/starting".encode()
 
 _encoder = msgspec.msgpack.Encoder()
 encode = _encoder.encode

@@ -20,10 +20,55 @@ import msgspec
 import zmq
 
 from common.names import served_model_name
-from common.cluster.protocol import Decoder, Heartbeat, Registered, WorkerInfo, WorkerLoad, encode, events_identity
+from common.cluster.protocol import (Decoder, Heartbeat, Registered, Starting, WorkerInfo, WorkerLoad, encode,
+                                     events_identity, starting_identity)
 
 HEARTBEAT_INTERVAL_S = 0.5
 log = logging.getLogger("nano_pd.worker")
+
+
+def make_worker_id(args, role: str) -> str:
+    """Unique per process incarnation: a restarted worker is a new worker."""
+    return f"{args.name or role}-{socket.gethostname()}-{os.getpid()}"
+
+
+class announce_starting:
+    """While the with-block runs (imports, model load, warm-up), tell the router every heartbeat interval that
+    this worker is on its way, so a request waiting for its role waits for it instead of failing at
+    --migrate-wait. Torch-free: it starts before the worker imports torch."""
+
+    def __init__(self, args, role: str):
+        self.worker_id = make_worker_id(args, role)
+        self.msg = encode(Starting(self.worker_id, role))
+        self.endpoint = "tcp://" + args.router
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True, name="announce")
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._done.set()
+        self._thread.join(timeout=2)
+
+    def _run(self):
+        ctx = zmq.Context()
+        sock = ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.IDENTITY, starting_identity(self.worker_id))
+        sock.connect(self.endpoint)
+        try:
+            while True:
+                try:
+                    sock.send(self.msg, zmq.NOBLOCK)
+                except zmq.Again:
+                    pass  # no router yet: the next beat tries again
+                if self._done.wait(HEARTBEAT_INTERVAL_S):
+                    return
+        finally:
+            sock.close()
+            ctx.term()
 
 
 class Role(Protocol):
@@ -43,7 +88,7 @@ class WorkerRuntime:
         else on those sockets is dropped by the strict decoders, so a role never sees another role's messages."""
         self.role, self.args, self.engine = role, args, engine
         self.model_name = args.served_model_name or served_model_name(args.model)
-        self.worker_id = f"{args.name or role}-{socket.gethostname()}-{os.getpid()}"
+        self.worker_id = make_worker_id(args, role)
         self.advertise_host = args.advertise_host or args.host
         self.router_endpoint = "tcp://" + args.router
         self.ctx = zmq.Context()

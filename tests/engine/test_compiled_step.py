@@ -11,7 +11,6 @@ from common.engine import LLM
 from common.engine.compiled_step import batch_buckets, resolve_mode
 from common.layers.packed_linear import can_pack
 from common.errors import InvalidRequestError
-from tests.workers.test_cluster import model_dir, offline  # noqa: F401  (module fixtures, reused)
 from tests.support.tiny_models import TinyConfig
 
 TINY = TinyConfig(arch="qwen3", num_heads=4, num_kv_heads=2, head_dim=32, hidden_size=128, num_layers=2)

@@ -18,7 +18,7 @@ from common.engine import LLM
 from common.errors import InvalidRequestError, ModelLoadError
 from common.engine.spec_decode.ngram import propose_ngram
 from tests.support.cluster_harness import LocalCluster
-from tests.workers.test_cluster import TINY, model_dir, offline  # noqa: F401  (module fixtures, reused)
+from tests.support.tiny_models import SERVING_TINY as TINY
 from tests.support.tiny_models import TinyConfig
 
 NGRAM = {"method": "ngram", "num_speculative_tokens": 4}

@@ -2,6 +2,8 @@
 short uncached tails, end to end against the offline engine, as the P/D cluster tests do."""
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from tests.support.cluster_harness import LocalCluster
@@ -92,3 +94,18 @@ def test_a_request_sent_while_the_cluster_starts_waits_for_its_worker(model_dir,
         assert status == 200, got
         assert got["choices"][0]["message"]["content"] == offline(["river"], 8)[0]
         assert c.get("/health")[0] == 200
+
+
+def test_a_request_waits_past_migrate_wait_for_a_worker_that_announces_it_is_loading(model_dir, offline):
+    """The only prefill worker restarts: its replacement says it is loading before it imports anything heavy, so a
+    request waits for it (up to --request-timeout) though --migrate-wait alone would have failed it."""
+    with LocalCluster(model_dir, 1, 1, router_args=("--migrate-wait", "0.2")) as c:
+        c.kill("prefill", 0)
+        c.wait_for(lambda: not c.alive("prefill"), "the prefill worker to be declared dead", 10)
+        c.add("prefill", wait=False)
+        c.wait_for(lambda: json.loads(c.get("/cluster")[1])["starting"] == ["prefill"], "its announcement", 10)
+        status, _, got = c.post("/v1/chat/completions", {"model": "tiny", "max_tokens": 8, "temperature": 0,
+                                                         "messages": [{"role": "user", "content": "river"}]})
+        assert status == 200, got
+        assert got["choices"][0]["message"]["content"] == offline(["river"], 8)[0]
+        assert json.loads(c.get("/cluster")[1])["starting"] == []
