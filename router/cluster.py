@@ -1,8 +1,9 @@
 """Each request's life across workers: the control socket, dispatch, migration, rejection, outputs, abort, n > 1.
 
 A request is sent as an *attempt* (id "<request id>#<n>") to one decode worker, naming the prefill worker that
-will fill its KV, or to a mixed worker, which computes the prompt itself. Messages about an older attempt are ignored, so when a worker dies the router can simply start
-a new attempt elsewhere with the prompt plus the tokens already streamed: the client's stream continues. Who the
+will fill its KV, or to a mixed worker, which computes the prompt itself. Messages about an older attempt are
+ignored, so when a worker dies the router can simply start a new attempt elsewhere with the prompt plus the
+tokens already streamed: the client's stream continues. Who the
 workers are and whether they live is router.registry's; which of them an attempt goes to, router.routing's.
 """
 from __future__ import annotations

@@ -1,5 +1,5 @@
-"""The OpenAI sampling surface over a real 1P1D cluster and a mixed worker, compared with the offline engine: logprobs, n, seed,
-logit_bias; and access control: API key, request size limit, X-Request-Id."""
+"""The OpenAI sampling surface over a real 1P1D cluster and a mixed worker, compared with the offline engine:
+logprobs, n, seed, logit_bias; and access control: API key, request size limit, X-Request-Id."""
 from __future__ import annotations
 
 import math
