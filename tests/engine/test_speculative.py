@@ -98,21 +98,24 @@ def test_smollm2_copy_task_identical_and_accepting(smollm2_dir):
     assert stats["spec_accepted_tokens"] >= 10, stats
 
 
-def test_decode_worker_with_speculation_matches_offline(model_dir, offline):  # noqa: F811
-    from tests.workers.test_cluster import prompts, run_concurrently, stream_chat
+@pytest.mark.parametrize("shape", [dict(prefill=1, decode=1), dict(prefill=0, decode=0, mixed=1)],
+                         ids=["1P1D", "mixed"])
+def test_decode_worker_with_speculation_matches_offline(model_dir, offline, shape):
+    """n-gram speculation on the worker that decodes (and, mixed, also prefills): greedy output unchanged, drafts
+    counted, no block held afterwards."""
+    from tests.workers.test_cluster import metric_value, prompts, run_concurrently, stream_chat, wait_no_leaks
 
     ps = prompts(8, seed=3)
-    with LocalCluster(model_dir, 1, 1, transport="zmq",
+    with LocalCluster(model_dir, **shape, transport="zmq",
                       worker_args=("--num-kv-blocks", "512", "--speculative-config",
                                    '{"method": "ngram", "num_speculative_tokens": 3}')) as c:
         client = c.openai()
         results = run_concurrently(lambda p: stream_chat(client, p, 40, ignore_eos=True), ps, workers=8)
         assert [r["text"] for r in results] == offline(ps, 40, ignore_eos=True)
-        from tests.workers.test_cluster import metric_value
-
         c.wait_for(lambda: metric_value(c.get("/metrics")[1].decode(),
                                         'vllm:spec_decode_num_draft_tokens_total{model_name="tiny"}') > 0,
-                   "the decode worker's draft counter in /metrics", 5)
+                   "the worker's draft counter in /metrics", 5)
+        wait_no_leaks(c)
 
 
 # --- draft-model speculation --------------------------------------------------------------------------------------

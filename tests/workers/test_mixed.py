@@ -52,22 +52,6 @@ def test_mixed_worker_killed_mid_stream(model_dir, offline):
 
 
 @pytest.mark.slow
-def test_a_speculating_mixed_worker_matches_offline(model_dir, offline):
-    """n-gram speculation on the worker that also prefills: greedy output unchanged, drafts proposed and counted."""
-    ps = [p + " " + p for p in prompts(8, seed=25)]  # repeated words give the n-gram proposer matches
-    spec = '{"method": "ngram", "num_speculative_tokens": 3}'
-    with LocalCluster(model_dir, prefill=0, decode=0, mixed=1,
-                      worker_args=("--num-kv-blocks", "512", "--speculative-config", spec)) as c:
-        client = c.openai()
-        results = run_concurrently(lambda p: stream_chat(client, p, 32, ignore_eos=True), ps, workers=8)
-        assert [r["text"] for r in results] == offline(ps, 32, ignore_eos=True)
-        c.wait_for(lambda: metric_value(c.get("/metrics")[1].decode(),
-                                        'vllm:spec_decode_num_draft_tokens_total{model_name="tiny"}') > 0,
-                   "drafts counted", 5)
-        wait_no_leaks(c)
-
-
-@pytest.mark.slow
 def test_decode_worker_prefills_short_uncached_tails_itself(model_dir, offline):
     """A prompt seen before leaves at most a block uncached in the decode worker's prefix cache: it is computed
     there, the rest (long, new) through the prefill worker; outputs are the same either way."""
