@@ -142,6 +142,46 @@ class ChatCompletionRequest(msgspec.Struct):
 
 
 _decoder = msgspec.json.Decoder(ChatCompletionRequest)
+
+
+def _integer_fields() -> tuple[frozenset[str], frozenset[str]]:
+    """The request's integer fields, and its lists of integers, by JSON name."""
+    def kinds(t) -> tuple:
+        return t.types if isinstance(t, msgspec.inspect.UnionType) else (t,)
+
+    fields = msgspec.inspect.type_info(ChatCompletionRequest).fields
+    ints = {f.encode_name for f in fields if any(isinstance(k, msgspec.inspect.IntType) for k in kinds(f.type))}
+    lists = {f.encode_name for f in fields if any(isinstance(k, msgspec.inspect.ListType) and isinstance(
+        k.item_type, msgspec.inspect.IntType) for k in kinds(f.type))}
+    return frozenset(ints), frozenset(lists)
+
+
+INTEGER_FIELDS, INTEGER_LIST_FIELDS = _integer_fields()
+
+
+def _decode(body: bytes) -> ChatCompletionRequest:
+    """The request. An integer may be written as a whole float (4.0): JSON Schema, and so the OpenAPI document,
+    counts it as an integer, and vLLM's parser takes it; msgspec does not. Such a body is decoded once more with
+    the whole floats of the integer fields as ints (every other body takes the one strict pass)."""
+    try:
+        return _decoder.decode(body)
+    except msgspec.ValidationError as e:
+        if "got `float`" not in str(e):
+            raise
+    page = msgspec.json.decode(body)
+    if isinstance(page, dict):
+        for name in INTEGER_FIELDS & page.keys():
+            page[name] = _whole(page[name])
+        for name in INTEGER_LIST_FIELDS & page.keys():
+            if isinstance(page[name], list):
+                page[name] = [_whole(v) for v in page[name]]
+    return msgspec.convert(page, ChatCompletionRequest)
+
+
+def _whole(value):
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
 ROLES = {"system", "developer", "user", "assistant", "tool"}
 
 
@@ -156,7 +196,7 @@ def parse_chat_request(body: bytes, vocab_size: int | None = None) -> ChatComple
     except UnicodeDecodeError as e:
         raise APIError(400, f"the body is not valid UTF-8 (byte {e.start})") from None
     try:
-        req = _decoder.decode(body)
+        req = _decode(body)
     except msgspec.ValidationError as e:
         raise APIError(400, f"invalid request: {e}", param=_param_of(str(e))) from None
     except msgspec.DecodeError as e:
@@ -343,6 +383,8 @@ def _arguments(fn: FunctionCall):
 def sampling_params(req: ChatCompletionRequest, prompt_len: int, max_model_len: int) -> SamplingParams:
     """Engine sampling params; raises APIError(400) for values the engine would refuse or that cannot fit."""
     max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+    # the param of an error is the field the client sent (max_completion_tokens wins when both are)
+    max_tokens_field = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
     room = max_model_len - prompt_len
     if room < 1:
         raise APIError(400, f"This model's maximum context length is {max_model_len} tokens, but the messages "
@@ -350,11 +392,11 @@ def sampling_params(req: ChatCompletionRequest, prompt_len: int, max_model_len: 
                        param="messages", code="context_length_exceeded")
     if max_tokens is not None:
         if max_tokens < 1:
-            raise APIError(400, f"max_tokens must be at least 1, got {max_tokens}", param="max_tokens")
+            raise APIError(400, f"{max_tokens_field} must be at least 1, got {max_tokens}", param=max_tokens_field)
         if max_tokens > room:
             raise APIError(400, f"This model's maximum context length is {max_model_len} tokens. However, you "
                                 f"requested {prompt_len + max_tokens} tokens ({prompt_len} in the messages, "
-                                f"{max_tokens} in the completion).", param="max_tokens",
+                                f"{max_tokens} in the completion).", param=max_tokens_field,
                            code="context_length_exceeded")
     if req.temperature is not None and not 0 <= req.temperature <= 2:
         raise APIError(400, f"temperature must be in [0, 2], got {req.temperature}", param="temperature")
@@ -368,7 +410,9 @@ def sampling_params(req: ChatCompletionRequest, prompt_len: int, max_model_len: 
     try:
         return SamplingParams(**values)
     except InvalidRequestError as e:
-        raise APIError(400, str(e)) from None
+        # SamplingParams names the field first ("top_p must be in (0, 1], got 0.0"); OpenAI's param says which
+        field = str(e).split(" ", 1)[0]
+        raise APIError(400, str(e), param=field if field in values else None) from None
 
 
 def choice_params(params: SamplingParams, index: int) -> SamplingParams:

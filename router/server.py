@@ -108,10 +108,19 @@ def _ref(name: str) -> dict:
 ERRORS_DOC = {status: {"description": what, "content": {"application/json": {"schema": _ref("ErrorResponse")}}}
               for status, what in [(400, "invalid request"), (401, "missing or wrong API key"),
                                    (404, "unknown model"), (408, "request not received in time"),
-                                   (413, "body over --max-request-bytes"), (503, "the cluster cannot serve")]}
+                                   (413, "body over --max-request-bytes"),
+                                   (415, "a Content-Type other than application/json"),
+                                   (503, "the cluster cannot serve")]}
+# A validator that reads server-sent events (OpenAPI 3.2's itemSchema, a 3.1 schema by schemathesis's reading)
+# checks each event against the stream's schema: it describes the event, whose data is a chunk's JSON, the JSON
+# error that ends a failed stream, or the closing [DONE]. A chunk's schema there would fail every event.
+CHAT_EVENT = {"type": "object", "required": ["data"], "properties": {"data": {
+    "type": "string", "if": {"const": "[DONE]"},
+    "else": {"contentMediaType": "application/json",
+             "contentSchema": {"anyOf": [_ref("ChatCompletionChunk"), _ref("ErrorResponse")]}}}}}
 CHAT_OK = {"description": "a chat.completion; with stream, server-sent chat.completion.chunk events",
            "content": {"application/json": {"schema": _ref("ChatCompletion")},
-                       "text/event-stream": {"schema": _ref("ChatCompletionChunk")}}}
+                       "text/event-stream": {"schema": CHAT_EVENT}}}
 CHAT_DOC = {"openapi_extra": {"requestBody": {"required": True, "content": {
                 "application/json": {"schema": _ref("ChatCompletionRequest")}}}},
             "responses": {200: CHAT_OK, **ERRORS_DOC}}
@@ -148,7 +157,19 @@ def _add_routes(app: FastAPI, cluster: Cluster, model_name: str, metrics: Router
         except ClientDisconnect:  # gone (or cut off by --body-timeout) mid-body: nobody is left to answer
             log.info("%s:%s sent part of a request body, then its connection ended", *(request.client or ("?", 0)))
             return Response(status_code=400)
+        _check_json_content_type(request.headers.get("content-type"))  # the body read: the connection stays usable
         return await chat.create(body)
+
+
+def _check_json_content_type(content_type: str | None):
+    """A 415 (vLLM's answer too) for a body declared as anything but JSON (a form, text): parsed as JSON anyway it
+    was served, so a client's mistake went unnoticed. No Content-Type is read as JSON, as clients that send raw
+    bytes (tests, scripts) mean it."""
+    if content_type is None:
+        return
+    media_type = content_type.split(";", 1)[0].strip().lower()
+    if media_type != "application/json" and not media_type.endswith("+json"):
+        raise api.APIError(415, f"Content-Type must be application/json, got {content_type[:100]!r}")
 
 
 async def _read_body(request: Request, limit: int) -> bytes:

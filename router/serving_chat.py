@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import hashlib
+import inspect
 import logging
 import time
 
@@ -38,6 +39,7 @@ class ChatCompletions:
         self.reasoning_cls = get_reasoning_parser(reasoning_parser) if reasoning_parser else None
         self.tool_cls = get_tool_parser(tool_parser)
         self._schema_errors: dict[bytes, str | None] = {}  # tool schema verdicts by digest, oldest first
+        self._template_arguments = _template_arguments(tokenizer)
 
     async def create(self, body: bytes):
         """The response to a request body: a chat.completion dict, or a StreamingResponse of chunks."""
@@ -67,6 +69,14 @@ class ChatCompletions:
         return StreamingResponse(self._stream(reply, include_usage), media_type="text/event-stream")
 
     def _render_and_tokenize(self, req: api.ChatCompletionRequest) -> tuple[str, list[int]]:
+        # chat_template_kwargs are the template's variables, not apply_chat_template's own arguments: a client's
+        # chat_template would run its code here (nested loops that never end hold a render thread for good, and a
+        # few of them every request's rendering), and tokenize, return_dict, tools... change what comes back
+        arguments = sorted(self._template_arguments.intersection(req.chat_template_kwargs or {}))
+        if arguments:
+            raise api.APIError(400, f"chat_template_kwargs cannot set {', '.join(arguments)}: they are arguments "
+                                    "of the chat template's rendering, not variables of the template",
+                               param="chat_template_kwargs")
         try:
             prompt = self.tokenizer.apply_chat_template(
                 api.chat_messages(req), tools=api.tool_dicts(req) if api.tools_active(req) else None,
@@ -78,7 +88,9 @@ class ChatCompletions:
     async def _grammar(self, req: api.ChatCompletionRequest) -> GrammarSpec | None:
         """The output constraint of a request: response_format / structured_outputs, or the tool-call syntax that
         tool_choice enforces; a 400 if it does not compile, before any worker spends compute."""
-        grammar, param = api.grammar_spec(req), "response_format"
+        # the param of a grammar that does not compile: the field that asked for it
+        param = "response_format" if req.structured_outputs is None else "structured_outputs"
+        grammar = api.grammar_spec(req)
         mode = api.tool_grammar_mode(req)
         if mode is not None:
             if grammar is not None:
@@ -198,6 +210,16 @@ class ChatCompletions:
             deltas = [{"content": ""}]  # the tokens' logprobs go out even while their text is held back
         return [self._chunk(reply, index, delta, logprobs=logprobs if j == 0 else None)
                 for j, delta in enumerate(deltas)]
+
+
+def _template_arguments(tokenizer) -> frozenset[str]:
+    """The named parameters of the tokenizer's apply_chat_template (conversation, chat_template, tokenize, ...)."""
+    try:
+        parameters = inspect.signature(tokenizer.apply_chat_template).parameters.values()
+    except (AttributeError, TypeError, ValueError):  # no introspectable signature: at least the template itself
+        return frozenset({"chat_template"})
+    named = {p.name for p in parameters if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
+    return frozenset(named | {"chat_template"})
 
 
 def _schema_error(text: str) -> str | None:

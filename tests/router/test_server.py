@@ -126,7 +126,8 @@ def test_openapi_describes_the_bodies_and_metrics_as_text(client):
     ok = chat["responses"]["200"]["content"]
     completion = resolve(ok["application/json"]["schema"])
     assert {"id", "object", "created", "model", "choices", "usage"} <= set(completion["properties"])
-    assert "choices" in resolve(ok["text/event-stream"]["schema"])["properties"]
+    event_data = ok["text/event-stream"]["schema"]["properties"]["data"]  # of each event: a chunk's JSON, or [DONE]
+    assert "choices" in resolve(event_data["else"]["contentSchema"]["anyOf"][0])["properties"]
     for status in ("400", "401", "404", "413", "503"):
         error = resolve(chat["responses"][status]["content"]["application/json"]["schema"])
         detail = resolve(error["properties"]["error"])

@@ -173,7 +173,7 @@ GOOD = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_t
     ({**GOOD, "max_tokens": -1}, 400, "max_tokens"),
     ({**GOOD, "max_tokens": 0}, 400, "max_tokens"),
     ({**GOOD, "max_tokens": 10**12}, 400, "max_tokens"),
-    ({**GOOD, "max_completion_tokens": 300}, 400, "max_tokens"),
+    ({**GOOD, "max_completion_tokens": 300}, 400, "max_completion_tokens"),
     ({**GOOD, "messages": [{"role": "user", "content": "word " * 400}]}, 400, "messages"),
     ({**GOOD, "temperature": "hot"}, 400, "temperature"),
     ({**GOOD, "temperature": 5}, 400, "temperature"),
