@@ -27,6 +27,11 @@ def main(argv=None):
                          "it is loading")
     ap.add_argument("--request-timeout", type=float, default=600.0,
                     help="seconds a request may go without any token before it fails")
+    ap.add_argument("--max-queued-requests", type=int, default=1024,
+                    help="requests without a first token yet (queued at workers, in prefill, or waiting for room) "
+                         "the router holds; a new request beyond them gets a 429 with Retry-After at once")
+    ap.add_argument("--admit-timeout", type=float, default=60.0,
+                    help="seconds a request refused by every full decode worker keeps asking before it gets a 429")
     ap.add_argument("--api-key", default=os.environ.get("NANO_PD_API_KEY"),
                     help="require 'Authorization: Bearer KEY' on /v1 routes (default: $NANO_PD_API_KEY)")
     ap.add_argument("--max-request-bytes", type=int, default=4 * 2**20, help="largest request body accepted")
@@ -62,7 +67,8 @@ def main(argv=None):
     metrics = RouterMetrics(name)
     cluster = Cluster(name, args.control_host or args.host, args.control_port or args.port + 100,
                       heartbeat_timeout_s=args.heartbeat_timeout, migrate_wait_s=args.migrate_wait,
-                      request_timeout_s=args.request_timeout, metrics=metrics)
+                      request_timeout_s=args.request_timeout, admit_timeout_s=args.admit_timeout,
+                      max_queued_requests=args.max_queued_requests, metrics=metrics)
     with open(os.path.join(folder, "config.json")) as f:
         vocab_size = json.load(f).get("vocab_size")  # the model's, which may exceed the tokenizer's
     app = create_app(cluster, tokenizer, name, metrics, request_timeout_s=args.request_timeout,

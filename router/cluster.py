@@ -27,11 +27,13 @@ from router.registry import Worker, WorkerRegistry
 log = logging.getLogger("nano_pd.router")
 
 MAX_ATTEMPTS = 5  # a request that lost this many workers fails instead of chasing the cluster forever
+RETRY_AFTER_S = 1  # what a 429 tells the client to wait: queues drain at the cluster's pace, seconds not minutes
+READMIT_BACKOFF_S = (0.05, 1.0)  # first and longest pause between rounds of asking full decode workers again
 
 
 class ClusterError(Exception):
-    """The cluster cannot serve the request (no live worker of a role, all full, too many failures): a 503, or
-    the status given (a request no worker could be sent)."""
+    """The cluster cannot serve the request (no live worker of a role, too many failures): a 503, or the status
+    given (429: overloaded, retry after RETRY_AFTER_S; 400: a request no worker could be sent)."""
 
     def __init__(self, message: str, status: int = 503):
         super().__init__(message)
@@ -57,6 +59,7 @@ class RequestState:
     num_draft_tokens: int = 0
     num_accepted_tokens: int = 0
     rejected_by: set[str] = dataclasses.field(default_factory=set)
+    full_rounds: int = 0  # times every decode worker refused this attempt (each round waits longer)
     # requests (the other choices of an n > 1 request) dispatched once this one's prompt KV exists, to the same
     # workers, so they reuse its prompt blocks from both prefix caches instead of computing them again
     followers: list["RequestState"] = dataclasses.field(default_factory=list)
@@ -70,16 +73,21 @@ class RequestState:
 class Cluster:
     def __init__(self, model_name: str, control_host: str, control_port: int, heartbeat_timeout_s: float = 2.0,
                  migrate_wait_s: float = 10.0, admit_timeout_s: float = 60.0, request_timeout_s: float = 600.0,
-                 metrics=None):
+                 max_queued_requests: int = 1024, metrics=None):
         self.registry = WorkerRegistry(model_name, heartbeat_timeout_s)
         self.endpoint = f"tcp://{control_host}:{control_port}"
         self.migrate_wait_s = migrate_wait_s
         self.request_timeout_s = request_timeout_s
         self.admit_timeout_s = admit_timeout_s
+        self.max_queued_requests = max_queued_requests
         self.metrics = metrics
+        self.requests: dict[str, RequestState] = {}  # by attempt id
+        # ids of the requests that have no token yet (waiting for a worker's room, queued there, or in prefill):
+        # the queue that grows when the cluster is overloaded, so the one that is bounded
+        self.queued: set[str] = set()
         if metrics is not None:
             metrics.watch(self.registry)
-        self.requests: dict[str, RequestState] = {}  # by attempt id
+            metrics.queued.set_function(lambda: len(self.queued))
         self._decoder = Decoder(RouterInbound, "router control socket")
         self.num_dropped_unknown = 0  # worker messages from sockets of no live worker
         self._sock: zmq.asyncio.Socket | None = None
@@ -187,14 +195,25 @@ class Cluster:
             await asyncio.sleep(0.1)
 
     async def submit(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> RequestState:
+        """Dispatch a new request; a ClusterError (429) at once when max_queued_requests already wait for their
+        first token: an overloaded cluster says so in milliseconds instead of queuing without bound."""
+        if len(self.queued) >= self.max_queued_requests:
+            raise ClusterError(f"the cluster is overloaded ({len(self.queued)} requests are waiting for their first "
+                               f"token, the limit); retry after {RETRY_AFTER_S} s", status=429)
         req = RequestState(request_id, prompt_ids, params, asyncio.Queue())
-        await self._dispatch(req, wait=True)
+        self.queued.add(request_id)
+        try:
+            await self._dispatch(req, wait=True)
+        except BaseException:
+            self.queued.discard(request_id)
+            raise
         return req
 
     def fork(self, parent: RequestState, request_id: str, params: SamplingParams) -> RequestState:
         """Another choice of parent's prompt: dispatched when parent's first token arrives (or it ends)."""
         req = RequestState(request_id, parent.prompt_ids, params, asyncio.Queue())
         parent.followers.append(req)
+        self.queued.add(request_id)
         return req
 
     def _release_followers(self, req: RequestState):
@@ -283,11 +302,15 @@ class Cluster:
         asyncio.create_task(self._readmit(req))
 
     async def _readmit(self, req: RequestState):
-        if len(req.rejected_by) >= len(self.registry.decoders()):  # everyone is full: wait a little, ask again
+        if len(req.rejected_by) >= len(self.registry.decoders()):  # everyone is full: wait, then ask again
             if time.monotonic() - req.arrival > self.admit_timeout_s:
-                return self._fail(req, "every decode worker is full; try again later")
+                return self._fail(req, f"every decode worker stayed full for {self.admit_timeout_s:g} s; retry "
+                                       f"after {RETRY_AFTER_S} s", status=429)
             req.rejected_by.clear()
-            await asyncio.sleep(0.05)
+            # longer each round: hundreds of waiting requests must not ask full workers thousands of times a second
+            first, longest = READMIT_BACKOFF_S
+            await asyncio.sleep(min(longest, first * 2 ** req.full_rounds))
+            req.full_rounds += 1
         if req.done:
             return
         try:
@@ -306,6 +329,7 @@ class Cluster:
             return self._fail(req, out.error, status=400)
         if req.in_prefill:
             req.in_prefill = False
+            self.queued.discard(req.request_id)
             if req.prefill is not None:
                 req.prefill.inflight.discard(req.attempt_id)
             if out.local_prefill and self.metrics:
@@ -324,6 +348,7 @@ class Cluster:
     def _fail(self, req: RequestState, message: str, status: int = 503):
         req.done = True
         self._detach(req)
+        self.queued.discard(req.request_id)
         self._release_followers(req)
         req.events.put_nowait(("error", message, status))
 
@@ -333,6 +358,7 @@ class Cluster:
             return
         req.done = True
         self._detach(req)
+        self.queued.discard(req.request_id)
         self._release_followers(req)
         abort = Abort([req.attempt_id])
         for worker in (req.decode, req.prefill if req.in_prefill else None):

@@ -8,7 +8,7 @@ worker's series disappear, its counters stay in the cluster totals).
 from __future__ import annotations
 
 import prometheus_client
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -56,6 +56,9 @@ class RouterMetrics:
                                       "Prompts computed by the worker that decodes them (a mixed worker, or a decode "
                                       "worker's short uncached tail) instead of a prefill worker.", ("role",),
                                       registry=r)
+        self.queued = Gauge("nano_pd:requests_queued", "Requests without a first token yet (waiting for a worker's "
+                            "room, queued at one, or in prefill); new ones get a 429 at --max-queued-requests.",
+                            registry=r)
         self.worker_deaths = Counter("nano_pd:worker_deaths_total", "Workers declared dead.", ("role",), registry=r)
         self.request_acceptance = Histogram(
             "nano_pd:request_spec_acceptance_rate", "Per finished request: accepted / proposed speculative tokens.",

@@ -33,6 +33,11 @@ class APIError(Exception):
         return error_body(self.message, self.type, self.param, self.code)
 
 
+def error_type(status: int) -> str:
+    """OpenAI's error type for a status the cluster answers with (its 429s say "requests", as OpenAI's do)."""
+    return "requests" if status == 429 else "service_unavailable" if status >= 500 else "invalid_request_error"
+
+
 def error_body(message: str, type: str = "invalid_request_error", param: str | None = None,
                code: str | None = None) -> dict:
     return {"error": {"message": message, "type": type, "param": param, "code": code}}

@@ -17,7 +17,7 @@ from starlette.requests import ClientDisconnect
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from router import openai_api as api
-from router.cluster import Cluster
+from router.cluster import RETRY_AFTER_S, Cluster
 from router.metrics import CONTENT_TYPE, RouterMetrics
 from router.serving_chat import ChatCompletions
 
@@ -46,7 +46,7 @@ def create_app(cluster: Cluster, tokenizer, model_name: str, metrics: RouterMetr
     # no redirect to the slash-less path (an empty 307 a POST client cannot follow): routes answer on both
     app = FastAPI(title="nano-pd router", lifespan=lifespan, redirect_slashes=False)
     _add_access_middleware(app, api_key, max_request_bytes)
-    _add_error_handlers(app, metrics)
+    _add_error_handlers(app)
     _add_routes(app, cluster, model_name, metrics, chat, max_request_bytes)
     _document(app)
     return app
@@ -77,12 +77,11 @@ def _add_access_middleware(app: FastAPI, api_key: str | None, max_request_bytes:
 CLOSE = {"Connection": "close"}
 
 
-def _add_error_handlers(app: FastAPI, metrics: RouterMetrics):
+def _add_error_handlers(app: FastAPI):
     @app.exception_handler(api.APIError)
     async def _api_error(_request, e: api.APIError):
-        if e.status >= 500:
-            metrics.request_errors.labels(status=e.status).inc()
-        return JSONResponse(e.body(), status_code=e.status, headers=CLOSE if e.status == 413 else None)
+        headers = CLOSE if e.status == 413 else {"Retry-After": str(RETRY_AFTER_S)} if e.status == 429 else None
+        return JSONResponse(e.body(), status_code=e.status, headers=headers)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(_request, e: StarletteHTTPException):
@@ -110,7 +109,8 @@ ERRORS_DOC = {status: {"description": what, "content": {"application/json": {"sc
                                    (404, "unknown model"), (408, "request not received in time"),
                                    (413, "body over --max-request-bytes"),
                                    (415, "a Content-Type other than application/json"),
-                                   (503, "the cluster cannot serve")]}
+                                   (429, "overloaded (--max-queued-requests, --admit-timeout): retry after the "
+                                         "Retry-After header's seconds"), (503, "the cluster cannot serve")]}
 # A validator that reads server-sent events (OpenAPI 3.2's itemSchema, a 3.1 schema by schemathesis's reading)
 # checks each event against the stream's schema: it describes the event, whose data is a chunk's JSON, the JSON
 # error that ends a failed stream, or the closing [DONE]. A chunk's schema there would fail every event.
@@ -147,7 +147,7 @@ def _add_routes(app: FastAPI, cluster: Cluster, model_name: str, metrics: Router
 
     @_route(app, "GET", "/cluster")
     async def cluster_page():
-        return {"healthy": workers.healthy, "workers": workers.snapshot(),
+        return {"healthy": workers.healthy, "requests": len(cluster.requests), "workers": workers.snapshot(),
                 "starting": sorted(workers.starting_roles())}
 
     @_route(app, "POST", "/v1/chat/completions", **CHAT_DOC)

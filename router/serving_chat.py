@@ -53,6 +53,7 @@ class ChatCompletions:
         try:  # a cluster still starting gets --migrate-wait to be ready: a client polling /v1/models loses nothing
             await self.cluster.wait_until_healthy()
         except ClusterError as e:
+            self.metrics.request_errors.labels(status=503).inc()
             raise api.APIError(503, str(e), "service_unavailable") from None
         max_model_len = self.cluster.registry.max_model_len
         # jinja and the tokenizer take milliseconds for a long conversation: off the event loop, which meanwhile
@@ -66,6 +67,11 @@ class ChatCompletions:
         if not req.stream:
             return await self._collect(reply)
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        try:  # the status line waits for the first token: a failure before it is an HTTP error, not a 200
+            await reply.runs[0].started()
+        except BaseException:
+            reply.close()
+            raise
         return StreamingResponse(self._stream(reply, include_usage), media_type="text/event-stream")
 
     def _render_and_tokenize(self, req: api.ChatCompletionRequest) -> tuple[str, list[int]]:
@@ -138,8 +144,8 @@ class ChatCompletions:
         try:
             first = await self.cluster.submit(f"{request_id}-0", prompt_ids, params)
         except ClusterError as e:
-            raise api.APIError(e.status, str(e), "service_unavailable" if e.status == 503 else
-                               "invalid_request_error") from None
+            self.metrics.request_errors.labels(status=e.status).inc()
+            raise api.APIError(e.status, str(e), api.error_type(e.status)) from None
         states = [first] + [self.cluster.fork(first, f"{request_id}-{i}", api.choice_params(params, i))
                             for i in range(1, req.n or 1)]
         runs = [Generation(self.cluster, self.metrics, s, IncrementalDetokenizer(
@@ -280,22 +286,36 @@ class Generation:
         self.first_token_at: float | None = None
         self.last_token_at: float | None = None
         self.num_tokens = 0
+        self._peeked: tuple | None = None  # the first tokens event, awaited by started() and not consumed yet
+
+    async def started(self):
+        """Wait for the request's first tokens; an error before them (overloaded, no worker, refused by one) raises
+        APIError here, so a stream answers it with its status instead of a 200 and an error event."""
+        self._peeked = await self._tokens_event()
+
+    async def _tokens_event(self) -> tuple:
+        """The next ("tokens", ids, finish_reason, logprobs) event; APIError for an error event or timeout_s
+        without one."""
+        if self._peeked is not None:
+            event, self._peeked = self._peeked, None
+            return event
+        try:
+            event = await asyncio.wait_for(self.state.events.get(), self.timeout_s)
+        except asyncio.TimeoutError:
+            await self.cluster.abort(self.state)
+            self.metrics.request_errors.labels(status=504).inc()
+            raise api.APIError(504, f"no tokens for {self.timeout_s:.0f} s", "timeout") from None
+        if event[0] == "error":
+            self.metrics.request_errors.labels(status=event[2]).inc()
+            raise api.APIError(event[2], event[1], api.error_type(event[2]))
+        return event
 
     async def deltas(self):
         """(text, token ids, logprobs entries) as text becomes safe to emit (the ids and entries of tokens whose
         text is held back come with a later delta); raises APIError if the cluster fails the request."""
         state = self.state
         while self.finish_reason is None:
-            try:
-                event = await asyncio.wait_for(state.events.get(), self.timeout_s)
-            except asyncio.TimeoutError:
-                await self.cluster.abort(state)
-                raise api.APIError(504, f"no tokens for {self.timeout_s:.0f} s", "timeout") from None
-            if event[0] == "error":
-                self.metrics.request_errors.labels(status=event[2]).inc()
-                raise api.APIError(event[2], event[1], "service_unavailable" if event[2] >= 500 else
-                                   "invalid_request_error")
-            _, token_ids, reason, logprobs = event
+            _, token_ids, reason, logprobs = await self._tokens_event()
             self._observe(len(token_ids))
             text = self.detok.add(token_ids)
             if self.detok.stopped:

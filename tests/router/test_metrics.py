@@ -34,6 +34,8 @@ EXPECTED = {
     "nano_pd:request_migrations_total": ("counter", set(), "Request attempts re-issued after a worker died or failed."),
     "nano_pd:local_prefills_total": ("counter", {R}, "Prompts computed by the worker that decodes them (a mixed "
                                      "worker, or a decode worker's short uncached tail) instead of a prefill worker."),
+    "nano_pd:requests_queued": ("gauge", set(), "Requests without a first token yet (waiting for a worker's room, "
+                                "queued at one, or in prefill); new ones get a 429 at --max-queued-requests."),
     "nano_pd:worker_deaths_total": ("counter", {R}, "Workers declared dead."),
     "nano_pd:request_spec_acceptance_rate": ("histogram", {M},
                                              "Per finished request: accepted / proposed speculative tokens."),

@@ -97,14 +97,16 @@ class LocalCluster:
         return taken
 
     def _start(self):
-        self.procs["router"].append(self._spawn("router", [
-            "router", "--model", self.model, "--served-model-name", self.served_model_name,
-            "--port", str(self.port), "--control-port", str(self.control_port), *self.router_args]))
+        self.procs["router"].append(self._spawn("router", self._router_argv()))
         for role, count in zip(("prefill", "decode", "mixed"), self._initial):
             for _ in range(count):
                 self.add(role, wait=False)
         self.wait_for(self._router_up, "the router's HTTP port")
         self.wait_workers(*self._initial)
+
+    def _router_argv(self) -> list[str]:
+        return ["router", "--model", self.model, "--served-model-name", self.served_model_name,
+                "--port", str(self.port), "--control-port", str(self.control_port), *self.router_args]
 
     def __exit__(self, *exc):
         self.close()
@@ -129,6 +131,25 @@ class LocalCluster:
         proc.send_signal(signal.SIGKILL)
         proc.wait(10)
         return proc.pid
+
+    def send_signal(self, role: str, index: int, sig: int) -> int:
+        """Send sig (SIGSTOP: the process hangs, alive; SIGCONT: it resumes) to a process; its pid."""
+        proc = self.procs[role][index]
+        proc.send_signal(sig)
+        return proc.pid
+
+    def forget(self, role: str, index: int) -> int:
+        """Stop watching a process that was meant to exit (a worker the router refused); its exit status."""
+        proc = self.procs[role].pop(index)
+        return proc.wait(30)
+
+    def restart_router(self) -> None:
+        """kill -9 the router and start a new one on the same ports; the workers re-register by themselves."""
+        old = self.procs["router"].pop()
+        old.send_signal(signal.SIGKILL)
+        old.wait(10)
+        self.procs["router"].append(self._spawn("router", self._router_argv()))
+        self.wait_for(self._router_up, "the restarted router's HTTP port")
 
     # --- observation ------------------------------------------------------------------------------------------
     def get(self, path: str):
