@@ -87,18 +87,26 @@ class KVTransport(ABC):
     def metadata(self) -> bytes:
         """Everything a peer needs to pair with us (msgpack-encoded PeerInfo)."""
 
-    def add_peer(self, peer_metadata: bytes) -> str:
-        """Pair with a peer from its metadata(); returns its peer id. Raises KVLayoutMismatch / ValueError."""
+    def add_peer(self, peer_metadata: bytes, expected_name: str | None = None) -> str:
+        """Pair with a peer from its metadata(); returns its peer id. Raises KVLayoutMismatch / ValueError, and
+        changes nothing then but for a re-pairing whose new endpoint cannot be connected (the peer is forgotten).
+        expected_name: the peer id the caller will write to; metadata naming another is refused."""
         try:
             info = _peer_decoder.decode(peer_metadata)
-        except (msgspec.DecodeError, ValueError) as e:  # invalid UTF-8 raises UnicodeDecodeError
+        except (msgspec.DecodeError, ValueError, RecursionError) as e:  # invalid UTF-8 raises UnicodeDecodeError
+            # the metadata comes off the wire: a deeply nested value makes msgspec raise RecursionError
             raise ValueError(f"malformed peer metadata: {e}") from None
+        if expected_name is not None and info.name != expected_name:
+            # a caller keying its peers by another id would write to a peer id it never paired (a KeyError), and
+            # re-pairing info.name would redirect that peer's writes
+            raise ValueError(f"the metadata names peer {info.name!r}, not {expected_name!r}")
         if not isinstance(info, _INFO_TYPES[self.backend]):
             raise ValueError(f"peer {info.name!r} uses the {type(info).__name__} transport, this side is "
                              f"{self.backend!r}: both sides must pick the same backend")
         check_compatible(self.layout, info.layout)
         if info.name in self._peers:
             self._disconnect(info.name)
+            del self._peers[info.name]  # a _connect that raises below leaves no half-known peer behind
         self._connect(info)
         self._peers[info.name] = info
         return info.name

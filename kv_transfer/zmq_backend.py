@@ -75,15 +75,25 @@ class ZmqTransport(KVTransport):
         self._shape_tail = (layout.num_layers, layout.block_size, layout.num_kv_heads, layout.head_dim)
         self._planes = layout.num_planes
         self._frames = 3 if layout.state_bytes else 2
+        self._num_dropped = 0  # messages dropped or refused that no transfer of ours expected (_warn_dropped)
 
     def metadata(self) -> bytes:
         return msgspec.msgpack.encode(ZmqPeerInfo(name=self.name, layout=self.layout, num_blocks=self.num_blocks,
                                                   endpoint=self.endpoint))
 
     def _connect(self, info: ZmqPeerInfo) -> None:
-        sock = self._ctx.socket(zmq.DEALER)
+        # the endpoint comes off the wire (a PrefillTask's kv_metadata): a malformed one, or a context out of
+        # sockets, is a refused pairing (ValueError), not a ZMQError out of the worker's main loop
+        try:
+            sock = self._ctx.socket(zmq.DEALER)
+        except zmq.ZMQError as e:
+            raise ValueError(f"cannot open a socket to peer {info.name!r}: {e}") from None
         sock.setsockopt(zmq.LINGER, 0)
-        sock.connect(info.endpoint)
+        try:
+            sock.connect(info.endpoint)
+        except zmq.ZMQError as e:
+            sock.close()
+            raise ValueError(f"peer {info.name!r} has a bad endpoint {info.endpoint[:100]!r}: {e}") from None
         self._dealers[info.name] = sock
         self._send_poller.register(sock, zmq.POLLIN)
 
@@ -113,10 +123,10 @@ class ZmqTransport(KVTransport):
                     break
                 try:
                     ack = _ack_decoder.decode(frames[-1]) if len(frames) == 1 else None
-                except (msgspec.DecodeError, ValueError):
+                except (msgspec.DecodeError, ValueError, RecursionError):  # RecursionError: a deeply nested value
                     ack = None
                 if ack is None or ack.transfer_id not in self._inflight:
-                    log.warning("dropping unexpected ack from a peer (%d frames)", len(frames))
+                    self._warn_dropped("dropping unexpected ack from a peer (%d frames)", len(frames))
                     continue
                 self._acks.append(TransferResult(ack.transfer_id, ack.ok, ack.error or None))
         out, self._acks = self._acks, []
@@ -149,13 +159,15 @@ class ZmqTransport(KVTransport):
     def _receive(self, frames) -> tuple[str | None, str | None]:
         """Validate and copy one message into the pool. Returns (transfer_id or None, error or None)."""
         if len(frames) != self._frames:
-            log.warning("dropping a message of %d frames (expected header + data%s)", len(frames),
-                        " + state" if self._frames == 3 else "")
+            self._warn_dropped("dropping a message of %d frames (expected header + data%s)", len(frames),
+                               " + state" if self._frames == 3 else "")
             return None, None
         try:
             h = _header_decoder.decode(frames[0].buffer)
-        except (msgspec.DecodeError, ValueError) as e:  # invalid UTF-8 raises UnicodeDecodeError
-            log.warning("dropping a message with a malformed header: %s", e)
+        except (msgspec.DecodeError, ValueError, RecursionError) as e:  # invalid UTF-8 raises UnicodeDecodeError
+            # and a deeply nested value (even in an ignored trailing element) RecursionError: uncaught, it ended the
+            # worker's main loop
+            self._warn_dropped("dropping a message with a malformed header: %s", e)
             return None, None
         n = len(h.dst_block_ids)
         expected_shape = (self._planes, self._shape_tail[0], n, *self._shape_tail[1:])
@@ -179,8 +191,18 @@ class ZmqTransport(KVTransport):
             if self._frames == 3:
                 self.state_pool[h.dst_block_ids[0]].copy_(_tensor(frames[2].buffer, "float32"))
             return h.transfer_id, None
-        log.warning("refusing transfer %s: %s", h.transfer_id, error)
+        if h.transfer_id in self._recv_deadlines:  # one of ours, refused: worth a line each
+            log.warning("refusing transfer %s: %s", h.transfer_id, error)
+        else:
+            self._warn_dropped("refusing transfer %.100r: %s", h.transfer_id, error)
         return h.transfer_id, error
+
+    def _warn_dropped(self, fmt: str, *args):
+        """Log what a stranger (or a late peer) sent, rate-limited: anyone who reaches the port can send a flood, and
+        one line per message would be a flood in the log."""
+        self._num_dropped += 1
+        if self._num_dropped <= 10 or self._num_dropped % 1000 == 0:
+            log.warning(fmt + " (%d dropped so far)", *args, self._num_dropped)
 
     def _wait_received(self, seconds: float) -> None:
         self._recv_poller.poll(max(1, int(seconds * 1000)))

@@ -26,6 +26,7 @@ from common.engine.llm_engine import LLMEngine
 from kv_transfer import KVLayoutMismatch, make_transport
 
 LEASE_MARGIN_S = 2.0
+MAX_PAIRED_PEERS = 256  # decode workers paired at once: more than a cluster has, well under 1023 sockets a context
 
 log = logging.getLogger("nano_pd.prefill")
 
@@ -71,6 +72,10 @@ class PrefillWorker:
                     self._push(self.tasks.pop(seq.request_id))
         for result in self.transport.poll_sent():
             self._sent(result)
+        # a prefill worker receives no KV, but its transport listens like any other: unread, whatever anyone sent
+        # there queued in memory for ever (up to the high-water mark of a thousand messages, of any size, per
+        # connection). Polled, each is refused (no transfer is expected here) and freed.
+        self.transport.poll_received()
         self._expire_queued()
 
     def close(self):
@@ -115,9 +120,25 @@ class PrefillWorker:
         self.tasks[msg.request_id] = Task(msg, seq, time.monotonic() + msg.lease_s - LEASE_MARGIN_S)
 
     def _pair(self, decode_worker: str, metadata: bytes):
-        if self.peer_metadata.get(decode_worker) != metadata:
-            self.transport.add_peer(metadata)
-            self.peer_metadata[decode_worker] = metadata
+        known = self.peer_metadata.pop(decode_worker, None)  # back in last (the most recently used), if it pairs
+        if known != metadata:
+            if known is None:
+                self._forget_idle_peers(MAX_PAIRED_PEERS - 1)
+            # the transport must know the peer by the id we write to (decode_worker), or a forged task whose
+            # metadata names another peer made write_blocks raise KeyError out of the main loop. If this raises,
+            # a re-pairing may have dropped the old pairing: the worker stays unpaired and pairs on its next task
+            self.transport.add_peer(metadata, expected_name=decode_worker)
+        self.peer_metadata[decode_worker] = metadata
+
+    def _forget_idle_peers(self, keep: int):
+        """Unpair the decode workers no task of ours involves, least recently used first, until at most `keep`
+        remain: only PeerGone unpaired a decode worker, so the pairings forged tasks made (their decode worker ids
+        never die) piled up, a socket each, until the transport's context ran out of sockets. A live decode
+        worker that is unpaired here pairs again with its next task."""
+        busy = {t.msg.decode_worker for t in (*self.tasks.values(), *self.sending.values())}
+        for decode_worker in [d for d in self.peer_metadata if d not in busy][:max(0, len(self.peer_metadata) - keep)]:
+            del self.peer_metadata[decode_worker]
+            self.transport.remove_peer(decode_worker)
 
     # --- the handoff ----------------------------------------------------------------------------------------
     def _push(self, task: Task):
@@ -134,8 +155,15 @@ class PrefillWorker:
         task.started = now
         self.sending[msg.request_id] = task
         self.engine.runner.export_blocks(src)
-        self.transport.write_blocks(msg.decode_worker, src, msg.dst_block_ids, msg.request_id,
-                                    timeout_s=task.deadline - now)
+        try:
+            self.transport.write_blocks(msg.decode_worker, src, msg.dst_block_ids, msg.request_id,
+                                        timeout_s=task.deadline - now)
+        except (KeyError, ValueError) as e:
+            # write_blocks refuses bad arguments by raising, and the task's dst_block_ids come off the wire (out of
+            # the peer's range, repeated): uncaught, a forged task ended the worker's main loop
+            del self.sending[msg.request_id]
+            self.engine.release(seq)
+            return self._done(task, error=f"the task's blocks cannot be written: {e}")
         self._done(task, first_token=seq.token_ids[-1], logprobs=seq.logprobs[-1] if seq.logprobs else None)
 
     def _sent(self, result):

@@ -20,6 +20,7 @@ from common.sampling_params import SamplingParams
 
 log = logging.getLogger("nano_pd.protocol")
 
+MAX_LEASE_S = 86400.0  # the longest KV lease a PrefillTask may carry (--kv-lease is 60 s by default)
 PREFILL, DECODE, MIXED = "prefill", "decode", "mixed"  # a mixed worker prefills and decodes its own requests
 ROLES = (PREFILL, DECODE, MIXED)
 
@@ -31,9 +32,11 @@ class WorkerInfo(msgspec.Struct, frozen=True):
     inbox: str  # tcp endpoint of the worker's PULL socket
     kv_transport: str  # "nixl" | "zmq": prefill and decode workers must agree ("none": a mixed worker)
     kv_layout_hash: str  # KVLayout.compat_hash(): prefill and decode workers must agree ("" for a mixed worker)
-    block_size: int
-    num_blocks: int
-    max_model_len: int
+    # positive, or the router divided by zero routing to a worker that registered with block_size 0 (and failed
+    # every request while it lived): the numbers come off the wire, from anyone who can reach the control port
+    block_size: Annotated[int, msgspec.Meta(ge=1)]
+    num_blocks: Annotated[int, msgspec.Meta(ge=1)]
+    max_model_len: Annotated[int, msgspec.Meta(ge=1)]
     host: str = ""
     pid: int = 0
 
@@ -136,7 +139,9 @@ class PrefillTask(msgspec.Struct, tag="prefill"):
     decode_worker: str
     decode_inbox: str
     kv_metadata: bytes  # the decode worker's KVTransport.metadata(); the prefill worker pairs on first sight
-    lease_s: float  # the decode worker frees the blocks after this long: no write may start later
+    # the decode worker frees the blocks after this long: no write may start later. Bounded (NaN and inf fail the
+    # check): with a NaN lease a task's deadline never came, so a forged task held the prefill's blocks forever
+    lease_s: Annotated[float, msgspec.Meta(gt=0, le=MAX_LEASE_S)]
 
 
 class PrefillDone(msgspec.Struct, tag="prefill_done"):
@@ -176,8 +181,10 @@ class Decoder:
     def decode(self, data: bytes):
         try:
             return self._decoder.decode(data)
-        except (msgspec.DecodeError, msgspec.ValidationError, ValueError, TypeError) as e:
-            # SamplingParams.__post_init__ raises InvalidRequestError (a ValueError) for out-of-range values
+        except (msgspec.DecodeError, msgspec.ValidationError, ValueError, TypeError, RecursionError) as e:
+            # SamplingParams.__post_init__ raises InvalidRequestError (a ValueError) for out-of-range values;
+            # msgspec raises RecursionError for a deeply nested value (a few KiB of 0x91 bytes), even one it
+            # only skips (an unknown field): uncaught, it ended the router's receive loop or a worker's main loop
             self.num_dropped += 1
             if self.num_dropped <= 10 or self.num_dropped % 1000 == 0:
                 log.warning("dropped an undecodable message on %s (%d so far): %s", self.where,

@@ -24,6 +24,10 @@ from common.cluster.protocol import (Decoder, Heartbeat, Registered, Starting, W
                                      events_identity, starting_identity)
 
 HEARTBEAT_INTERVAL_S = 0.5
+# PUSH sockets kept open to peers' inboxes: far more than a cluster has workers, far fewer than a ZMQ context's
+# 1023 sockets, which forged endpoints would otherwise exhaust
+MAX_PEER_SOCKETS = 256
+EVICTED_PEER_LINGER_MS = 500
 log = logging.getLogger("nano_pd.worker")
 
 
@@ -99,7 +103,8 @@ class WorkerRuntime:
         self.events.connect(self.router_endpoint)
         self.commands = self._socket(zmq.PULL)
         self.commands.bind("inproc://commands")
-        self._peers: dict[str, zmq.Socket] = {}  # inbox endpoint -> PUSH
+        self._peers: dict[str, zmq.Socket] = {}  # inbox endpoint -> PUSH, least recently used first
+        self.num_bad_peer_endpoints = 0
         self._poller = zmq.Poller()
         self._poller.register(self.commands, zmq.POLLIN)
         self._poller.register(self.inbox, zmq.POLLIN)
@@ -210,8 +215,11 @@ class WorkerRuntime:
                         raise SystemExit(2)
                 elif msg is not None:
                     out.append(msg)
-                elif len(frames) != 1:
-                    log.warning("dropped a %d-frame message on %s", len(frames), decoder.where)
+                elif len(frames) != 1:  # counted and logged like undecodable ones: a flood must not flood the log
+                    decoder.num_dropped += 1
+                    if decoder.num_dropped <= 10 or decoder.num_dropped % 1000 == 0:
+                        log.warning("dropped a %d-frame message on %s (%d so far)", len(frames), decoder.where,
+                                    decoder.num_dropped)
         return commands, peer_messages
 
     def send_router(self, msg: msgspec.Struct):
@@ -221,15 +229,34 @@ class WorkerRuntime:
             log.error("router unreachable; dropped a %s message", type(msg).__name__)
 
     def send_peer(self, endpoint: str, msg: msgspec.Struct):
-        sock = self._peers.get(endpoint)
+        # the endpoint comes off the wire (a PrefillTask's decode_inbox, an Admit's prefill_inbox), so anyone who
+        # reaches our inbox names it: a malformed one made connect() raise out of the main loop (the worker died),
+        # and one socket kept per distinct endpoint ran the context out of sockets (1023) after as many forgeries
+        sock = self._peers.pop(endpoint, None)
         if sock is None:
-            sock = self._peers[endpoint] = self._socket(zmq.PUSH)
-            sock.connect(endpoint)
+            if not endpoint.startswith("tcp://"):  # peers' inboxes are tcp; inproc:// would reach our own sockets
+                return self._dropped_peer_message(endpoint, msg, "not a tcp endpoint")
+            sock = self._socket(zmq.PUSH)
+            try:
+                sock.connect(endpoint)
+            except zmq.ZMQError as e:
+                sock.close()
+                return self._dropped_peer_message(endpoint, msg, str(e)[:100])
+            while len(self._peers) >= MAX_PEER_SOCKETS:  # the least recently used goes (a live peer reconnects)
+                # what it still queues gets half a second to go out, in the background (close does not wait)
+                self._peers.pop(next(iter(self._peers))).close(linger=EVICTED_PEER_LINGER_MS)
+        self._peers[endpoint] = sock  # the most recently used last
         try:
             sock.send(encode(msg), zmq.NOBLOCK)
         except zmq.Again:
             # the peer is gone or far behind; the request's lease turns this into a retry, never a hang
             log.warning("peer %s not reachable; dropped a %s message", endpoint, type(msg).__name__)
+
+    def _dropped_peer_message(self, endpoint: str, msg: msgspec.Struct, why: str):
+        self.num_bad_peer_endpoints += 1
+        if self.num_bad_peer_endpoints <= 10 or self.num_bad_peer_endpoints % 1000 == 0:
+            log.warning("dropped a %s message to the bad endpoint %.100r (%s; %d so far)", type(msg).__name__,
+                        endpoint, why, self.num_bad_peer_endpoints)
 
     def forget_peer(self, endpoint: str):
         sock = self._peers.pop(endpoint, None)

@@ -8,12 +8,10 @@ from __future__ import annotations
 import concurrent.futures as cf
 import json
 import random
-import socket
 import threading
 import time
 
 import pytest
-import zmq
 
 from tests.support.cluster_harness import LocalCluster
 
@@ -234,91 +232,6 @@ def test_stop_strings_and_client_disconnect(cluster, offline):
     next(iter(stream))
     stream.close()
     wait_no_leaks(cluster)
-
-
-def _listening_ports(pid: int) -> list[int]:
-    """TCP ports a process listens on, from /proc (no psutil needed)."""
-    import os
-
-    inodes = set()
-    for fd in os.listdir(f"/proc/{pid}/fd"):
-        try:
-            target = os.readlink(f"/proc/{pid}/fd/{fd}")
-        except OSError:
-            continue
-        if target.startswith("socket:["):
-            inodes.add(target[8:-1])
-    ports = []
-    for table in ("tcp", "tcp6"):
-        with open(f"/proc/{pid}/net/{table}") as f:
-            for line in f.readlines()[1:]:
-                fields = line.split()
-                if fields[3] == "0A" and fields[9] in inodes:  # 0A = LISTEN
-                    ports.append(int(fields[1].split(":")[1], 16))
-    return ports
-
-
-def test_garbage_on_every_zmq_port_crashes_nothing(cluster, offline):
-    rng = random.Random(0)
-    ports = {p for procs in cluster.procs.values() for proc in procs for p in _listening_ports(proc.pid)}
-    assert len(ports) >= 4  # HTTP + control on the router, an inbox and a KV endpoint per worker
-    ctx = zmq.Context()
-    try:
-        for port in ports:
-            for kind in (zmq.DEALER, zmq.PUSH, zmq.REQ):
-                s = ctx.socket(kind)
-                s.setsockopt(zmq.LINGER, 0)
-                s.connect(f"tcp://127.0.0.1:{port}")
-                for n in (0, 1, 7, 300, 70000):
-                    try:
-                        if kind == zmq.REQ:
-                            s.send(rng.randbytes(n), zmq.NOBLOCK)
-                            break
-                        s.send_multipart([rng.randbytes(n) for _ in range(rng.randint(1, 3))], zmq.NOBLOCK)
-                    except zmq.Again:
-                        pass
-                time.sleep(0.05)
-                s.close()
-            with socket.create_connection(("127.0.0.1", port), timeout=2) as raw:  # not even ZMTP
-                raw.sendall(rng.randbytes(5000))
-    finally:
-        ctx.term()
-    time.sleep(1.5)
-    assert all(p.poll() is None for procs in cluster.procs.values() for p in procs)
-    assert cluster.get("/health")[0] == 200
-    status, got = post(cluster, {**GOOD, "max_tokens": 12, "temperature": 0})
-    assert status == 200 and got["choices"][0]["message"]["content"] == offline(["hi"], 12)[0]
-
-
-def test_worker_messages_from_other_sockets_are_dropped(cluster, offline):
-    """Tokens and KV-transfer reports count only from a live worker's events socket: a stranger (or one that
-    borrows a worker's events identity) can neither inflate the metrics nor raise in them."""
-    from common.cluster.protocol import KVTransferred, TokenOutput, Tokens, encode, events_identity
-
-    def kv_bytes() -> float:
-        return metric_value(cluster.get("/metrics")[1].decode(), "nano_pd:kv_transfer_bytes_total")
-
-    before = kv_bytes()
-    decode_id = cluster.alive("decode")[0]["worker_id"]
-    ctx = zmq.Context()
-    try:
-        for identity in (None, events_identity(decode_id), decode_id.encode()):
-            s = ctx.socket(zmq.DEALER)
-            s.setsockopt(zmq.LINGER, 0)
-            if identity is not None:
-                s.setsockopt(zmq.IDENTITY, identity)
-            s.connect(f"tcp://127.0.0.1:{cluster.control_port}")
-            for msg in (KVTransferred(10**9, 1.0), KVTransferred(-5, 1.0),
-                        Tokens(decode_id, [TokenOutput("nobody#0", [1], "stop")])):
-                s.send(encode(msg))
-            time.sleep(0.3)
-            s.close()
-    finally:
-        ctx.term()
-    assert kv_bytes() == before
-    status, got = post(cluster, {**GOOD, "max_tokens": 12, "temperature": 0})
-    assert status == 200 and got["choices"][0]["message"]["content"] == offline(["hi"], 12)[0]
-    assert kv_bytes() > before  # the real prefill worker's report of that request does count
 
 
 def test_no_live_worker_is_a_clear_503(model_dir):
