@@ -24,7 +24,7 @@ import logging
 from collections import deque
 
 from common.errors import InvalidRequestError
-from common.cluster.protocol import (DECODE, MIXED, Abort, Admit, PeerGone, PrefillDone, PrefillTask, Rejected,
+from common.cluster.protocol import (DECODE, Abort, Admit, PeerGone, PrefillDone, PrefillTask, Rejected,
                                      TokenOutput, Tokens, WorkerLoad)
 from common.engine.sequence import Sequence
 from common.cluster.flags import engine_kwargs, setup_logging
@@ -84,6 +84,9 @@ class DecodeWorker:
     def transfers_in_flight(self) -> bool:
         return bool(self.reserved)
 
+    def request_ids(self) -> list[str]:
+        return [*self.running, *self.reserved, *(a.msg.request_id for a in self.pending)]
+
     def step(self):
         for result in self.transport.poll_received() if self.transport else ():
             if result.ok:
@@ -114,10 +117,17 @@ class DecodeWorker:
                 self._abort(rid)
         elif isinstance(cmd, PeerGone):
             for rid in [r for r, a in self.reserved.items() if a.msg.prefill_worker == cmd.worker_id]:
-                adm = self.reserved.pop(rid)
-                self.engine.release(adm.seq)  # a dead process writes nothing more into these blocks
+                adm = self.reserved[rid]
                 if not adm.aborted:
+                    adm.aborted = True
                     self._error(rid, f"prefill worker {cmd.worker_id} died", retryable=True)
+                # the process may be hung rather than dead, and write when it wakes: where the transport refuses
+                # that write the blocks can go now; where it cannot (NIXL), they stay quarantined until the lease
+                # ends (_lease_expired), after which a prefill worker never starts a write
+                if self.transport.refuses_unexpected_writes:
+                    del self.reserved[rid]
+                    self.transport.cancel(rid)
+                    self.engine.release(adm.seq)
 
     def _on_admit(self, msg: Admit):
         rid = msg.request_id
@@ -177,6 +187,7 @@ class DecodeWorker:
             return log.info("late answer for %s ignored (lease over or aborted)", msg.request_id)
         if msg.error:  # nothing more will be written: the blocks can go
             del self.reserved[msg.request_id]
+            self.transport.cancel(msg.request_id)
             self.engine.release(adm.seq)
             if not adm.aborted:
                 self._error(msg.request_id, msg.error, retryable=True)

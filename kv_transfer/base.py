@@ -59,12 +59,14 @@ class KVTransport(ABC):
     dst[0]: callers hand a sequence over from its first block, whose slot holds the sequence's state.
 
     Sender:   write_blocks(peer, src, dst, transfer_id) then poll_sent() -> [TransferResult]
-    Receiver: expect(transfer_id) (optional, arms a deadline) then poll_received() -> [TransferResult]
+    Receiver: expect(transfer_id) (arms a deadline; data nobody expects is refused where the backend can refuse
+              it: refuses_unexpected_writes) then poll_received() -> [TransferResult]; cancel(transfer_id)
     A successful receive result means the data is in the local pool; a successful send result means it is in the
     peer's pool (NIXL: the RDMA write completed; ZMQ: the peer acknowledged after copying).
     """
 
     backend: str = ""  # tag of the PeerInfo this backend produces
+    refuses_unexpected_writes: bool = False  # whether data for a transfer not (or no longer) expected is refused
 
     def __init__(self, name: str, pool: torch.Tensor, layout: KVLayout, *, timeout_s: float = DEFAULT_TIMEOUT_S,
                  state_pool: torch.Tensor | None = None):
@@ -195,8 +197,14 @@ class KVTransport(ABC):
             self._expired.popitem(last=False)
         return out
 
-    def is_late(self, transfer_id: str) -> bool:
-        return transfer_id in self._expired
+    def cancel(self, transfer_id: str) -> None:
+        """Stop expecting transfer_id (its blocks are being freed for reuse): data that still comes is refused where
+        the transport can refuse it, and a report of its landing is ignored."""
+        if self._recv_deadlines.pop(transfer_id, None) is not None:
+            self._expired[transfer_id] = None
+
+    def is_expected(self, transfer_id: str) -> bool:
+        return transfer_id in self._recv_deadlines
 
     # --- shared plumbing ------------------------------------------------------------------------------------
     def _poll(self, step, wait, timeout_s: float) -> list[TransferResult]:

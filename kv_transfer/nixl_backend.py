@@ -38,6 +38,7 @@ def _import_nixl():
 
 class NixlTransport(KVTransport):
     backend = "nixl"
+    refuses_unexpected_writes = False  # one-sided WRITEs: the data is in the pool before anyone can look at it
 
     def __init__(self, name: str, pool: torch.Tensor, layout: KVLayout, *, timeout_s: float = DEFAULT_TIMEOUT_S,
                  state_pool: torch.Tensor | None = None, progress_thread: bool = False):

@@ -53,6 +53,7 @@ def _tensor(buffer, dtype: str) -> torch.Tensor:
 
 class ZmqTransport(KVTransport):
     backend = "zmq"
+    refuses_unexpected_writes = True  # the receiver copies each message into the pool itself (_receive)
 
     def __init__(self, name: str, pool: torch.Tensor, layout: KVLayout, *, timeout_s: float = DEFAULT_TIMEOUT_S,
                  state_pool: torch.Tensor | None = None, host: str = "127.0.0.1", port: int = 0,
@@ -172,8 +173,9 @@ class ZmqTransport(KVTransport):
         n = len(h.dst_block_ids)
         expected_shape = (self._planes, self._shape_tail[0], n, *self._shape_tail[1:])
         payload = frames[1].buffer
-        if self.is_late(h.transfer_id):
-            error = "arrived after the receiver's deadline"
+        if not self.is_expected(h.transfer_id):
+            # late, cancelled or never asked for: the blocks it names may hold another sequence's KV by now
+            error = "not expected (it arrived after the receiver's deadline, was cancelled, or was never asked for)"
         elif h.dtype != self.layout.dtype or tuple(h.shape) != expected_shape:
             error = f"shape/dtype {h.shape}/{h.dtype} does not match {expected_shape}/{self.layout.dtype}"
         elif payload.nbytes != (want := math.prod(expected_shape) * self.layout.itemsize):

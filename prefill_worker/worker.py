@@ -65,6 +65,9 @@ class PrefillWorker:
     def transfers_in_flight(self) -> bool:
         return bool(self.sending)
 
+    def request_ids(self) -> list[str]:
+        return list(self.tasks)  # a task already sending finishes its write (see _abort)
+
     def step(self):
         if self.engine.has_unfinished():
             for seq in self.engine.step():

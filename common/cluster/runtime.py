@@ -20,7 +20,7 @@ import msgspec
 import zmq
 
 from common.names import served_model_name
-from common.cluster.protocol import (Decoder, Heartbeat, Registered, Starting, WorkerInfo, WorkerLoad, encode,
+from common.cluster.protocol import (Abort, Decoder, Heartbeat, Registered, Starting, WorkerInfo, WorkerLoad, encode,
                                      events_identity, starting_identity)
 
 HEARTBEAT_INTERVAL_S = 0.5
@@ -80,6 +80,7 @@ class Role(Protocol):
 
     def on_command(self, cmd) -> None: ...
     def on_message(self, msg) -> None: ...
+    def request_ids(self) -> list[str]: ...  # every request this worker holds (running, queued, reserved)
     def transfers_in_flight(self) -> bool: ...
     def step(self) -> None: ...
     def close(self) -> None: ...
@@ -111,6 +112,7 @@ class WorkerRuntime:
         self._command_decoder = Decoder(commands | Registered, "router commands")
         self._peer_decoder = Decoder(inbox, "worker inbox")
         self.stopping = False
+        self.registrations = 0  # routers that accepted this worker: a second one means the router restarted
         self.info: WorkerInfo | None = None
         self._thread: threading.Thread | None = None
 
@@ -185,7 +187,14 @@ class WorkerRuntime:
         try:
             while not self.stopping:
                 idle_ms = 0 if self.engine.has_unfinished() else 1 if role.transfers_in_flight() else 20
+                registrations = self.registrations
                 commands, messages = self.poll(idle_ms)
+                if registrations and self.registrations > registrations:
+                    # a restarted router knows none of the requests the dead one gave us, and their clients are
+                    # gone with it: free what they hold instead of computing for nobody
+                    held = role.request_ids()
+                    log.warning("registered with a new router: dropping %d requests of the previous one", len(held))
+                    role.on_command(Abort(held))
                 for cmd in commands:
                     role.on_command(cmd)
                 for msg in messages:
@@ -213,6 +222,7 @@ class WorkerRuntime:
                     if not msg.ok:
                         log.error("the router refused this worker: %s", msg.error)
                         raise SystemExit(2)
+                    self.registrations += 1
                 elif msg is not None:
                     out.append(msg)
                 elif len(frames) != 1:  # counted and logged like undecodable ones: a flood must not flood the log

@@ -164,6 +164,7 @@ def test_in_process_scattered_write(kind, dtype):
         assert [r.ok for r in sent] == [True] and [r.ok for r in received] == [True]
         assert torch.equal(dst_pool, _expected(before, src_pool, SRC, DST))
         # a second transfer reusing the pairing, adjacent ids (merged descriptors on NIXL)
+        d.expect("t2")
         p.write_blocks(peer, [0, 1, 2, 3], [4, 5, 6, 8], "t2")
         sent, received = _drive(p, d, "t2")
         assert sent[0].ok and received[0].ok
@@ -253,6 +254,7 @@ def test_zmq_garbage_is_dropped_and_next_transfer_lands():
         assert torch.equal(dst_pool, before)  # nothing garbage touched the pool
 
         peer = p.add_peer(d.metadata())
+        d.expect("real")
         p.write_blocks(peer, SRC, DST, "real")
         sent, received = _drive(p, d, "real")
         assert sent[0].ok and received[0].ok
@@ -270,6 +272,8 @@ def _receiver_main(kind, conn, latent=False, state=False):
     pool = _pool(2, num_blocks=10, latent=latent)
     state_pool = _state(2, num_blocks=10) if state else None
     with make_transport(kind, "D", pool, model_name="m", state_pool=state_pool) as t:
+        for tid in ("a", "b", "warm"):  # what the tests send: a receiver takes only the data it asked for
+            t.expect(tid, timeout_s=60)
         conn.send(t.metadata())
         results = []
         while True:
@@ -401,3 +405,21 @@ def test_zmq_data_arriving_after_the_deadline_is_refused():
         sent, _ = _drive(p, d, "slow", timeout=1)
         assert [(r.ok, "deadline" in r.error) for r in sent] == [(False, True)]
         assert torch.equal(dst_pool, before)  # the late data never touched the pool
+
+
+@pytest.mark.parametrize("cancelled", [True, False], ids=["cancelled", "never-expected"])
+def test_zmq_data_nobody_waits_for_is_refused(cancelled):
+    """A hung prefill worker that wakes up after the decode worker freed its blocks (or a stranger) must not
+    overwrite blocks that may hold another sequence's KV by now."""
+    src_pool, dst_pool = _pool(1), _pool(2)
+    before = dst_pool.clone()
+    with make_transport("zmq", "P", src_pool, model_name="m") as p, \
+         make_transport("zmq", "D", dst_pool, model_name="m") as d:
+        peer = p.add_peer(d.metadata())
+        if cancelled:
+            d.expect("zombie")
+            d.cancel("zombie")
+        p.write_blocks(peer, SRC, DST, "zombie")
+        sent, received = _drive(p, d, "zombie", timeout=1)
+        assert [(r.ok, "not expected" in r.error) for r in sent] == [(False, True)] and received == []
+        assert torch.equal(dst_pool, before)
