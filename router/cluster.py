@@ -115,10 +115,10 @@ class Cluster:
     async def _receive_loop(self):
         while True:
             frames = await self._sock.recv_multipart()
-            msg = self._decoder.decode(frames[-1]) if len(frames) == 2 else None
-            if msg is None:
-                continue
-            try:
+            try:  # one bad message must never take the router down (decoding included)
+                msg = self._decoder.decode(frames[-1]) if len(frames) == 2 else None
+                if msg is None:
+                    continue
                 if isinstance(msg, Heartbeat):
                     reply = self.registry.heartbeat(frames[0], msg)
                     if reply is not None:
@@ -139,8 +139,8 @@ class Cluster:
                 elif isinstance(msg, KVTransferred) and self.metrics:
                     self.metrics.kv_transfer_bytes.inc(msg.num_bytes)
                     self.metrics.kv_transfer_seconds.observe(msg.seconds)
-            except Exception:  # one bad message must never take the router down
-                log.exception("error handling a %s message", type(msg).__name__)
+            except Exception:
+                log.exception("error handling a message of %d bytes", len(frames[-1]))
 
     def _dropped_unknown_sender(self, what: str):
         self.num_dropped_unknown += 1

@@ -49,6 +49,7 @@ class WorkerRegistry:
         self._reference: tuple[str, str] | None = None
         # cumulative counters of workers no longer listed, by role, so cluster totals never go down
         self.retired = {role: WorkerLoad() for role in ROLES}
+        self.num_refused = 0  # heartbeats refused registration
 
     # --- health ---------------------------------------------------------------------------------------------
     def alive(self, role: str) -> list[Worker]:
@@ -98,13 +99,17 @@ class WorkerRegistry:
         info, now = hb.info, time.monotonic()
         worker = self.workers.get(info.worker_id)
         if worker is not None:
+            if identity != info.worker_id.encode():
+                return None  # another socket borrowing its id: it must not set the load or keep a hung worker alive
             if not worker.alive:  # it was declared dead and its requests moved: it must not come back half-known
                 return Registered(False, "declared dead after missing heartbeats; restart it")
             worker.load, worker.last_seen = hb.load, now
             return None
         error = self.registration_error(identity, info)
         if error:
-            log.error("refusing worker %s: %s", info.worker_id, error)
+            self.num_refused += 1
+            if self.num_refused <= 10 or self.num_refused % 1000 == 0:  # a misconfigured worker beats twice a second
+                log.error("refusing worker %s: %s (%d refusals so far)", info.worker_id, error, self.num_refused)
             return Registered(False, error)
         self.workers[info.worker_id] = Worker(info, hb.load, now)
         self.starting.pop(info.worker_id, None)

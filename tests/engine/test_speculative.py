@@ -17,7 +17,7 @@ from common import SamplingParams
 from common.engine import LLM
 from common.errors import InvalidRequestError, ModelLoadError
 from common.engine.spec_decode.ngram import propose_ngram
-from tests.support.cluster_harness import LocalCluster
+from tests.support.cluster_harness import LocalCluster, assert_idle
 from tests.support.tiny_models import SERVING_TINY as TINY
 from tests.support.tiny_models import TinyConfig
 
@@ -103,7 +103,7 @@ def test_smollm2_copy_task_identical_and_accepting(smollm2_dir):
 def test_decode_worker_with_speculation_matches_offline(model_dir, offline, shape):
     """n-gram speculation on the worker that decodes (and, mixed, also prefills): greedy output unchanged, drafts
     counted, no block held afterwards."""
-    from tests.workers.test_cluster import metric_value, prompts, run_concurrently, stream_chat, wait_no_leaks
+    from tests.workers.test_cluster import metric_value, prompts, run_concurrently, stream_chat
 
     ps = prompts(8, seed=3)
     with LocalCluster(model_dir, **shape, transport="zmq",
@@ -115,7 +115,7 @@ def test_decode_worker_with_speculation_matches_offline(model_dir, offline, shap
         c.wait_for(lambda: metric_value(c.get("/metrics")[1].decode(),
                                         'vllm:spec_decode_num_draft_tokens_total{model_name="tiny"}') > 0,
                    "the worker's draft counter in /metrics", 5)
-        wait_no_leaks(c)
+        assert_idle(c)
 
 
 # --- draft-model speculation --------------------------------------------------------------------------------------

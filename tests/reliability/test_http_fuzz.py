@@ -39,7 +39,7 @@ from schemathesis.specs.openapi.checks import (content_type_conformance, negativ
                                                 response_schema_conformance, status_code_conformance)
 
 from router.openai_api import MAX_CHOICES, MAX_STOP_STRINGS, ROLES, ChatCompletionRequest, Message
-from tests.reliability.conftest import assert_all_up, assert_idle
+from tests.support.cluster_harness import assert_all_up, assert_idle
 
 CLIENT_TIMEOUT_S = 30.0  # longer than any answer this cluster takes: a request that needs more is hanging
 CHEAP_COMPLETION = 4  # tokens a fuzzed request may generate: every valid request runs the model

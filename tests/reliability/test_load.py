@@ -6,9 +6,8 @@ from __future__ import annotations
 
 import pytest
 
-from tests.reliability.conftest import assert_all_up, assert_idle
 from tests.reliability.streams import body, by_status, distinct_prompts, send_all
-from tests.support.cluster_harness import LocalCluster
+from tests.support.cluster_harness import LocalCluster, assert_all_up, assert_idle
 
 TOKENS = 8
 

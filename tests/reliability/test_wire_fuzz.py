@@ -52,8 +52,7 @@ from kv_transfer.base import ZmqPeerInfo
 from kv_transfer.layout import KVLayout
 from kv_transfer.zmq_backend import Ack, BlocksHeader
 from prefill_worker.worker import MAX_PAIRED_PEERS
-from tests.reliability.conftest import assert_all_up, assert_idle
-from tests.support.cluster_harness import LocalCluster
+from tests.support.cluster_harness import LocalCluster, assert_all_up, assert_idle
 from tests.workers.test_cluster import metric_value, prompts
 
 SEED = 20261202
@@ -654,8 +653,9 @@ def test_hostile_messages_leave_streams_and_blocks_alone(cluster, baseline, layo
                                                                **absurd))
                   for i, absurd in enumerate((dict(block_size=0), dict(num_blocks=0), dict(num_blocks=-5),
                                               dict(max_model_len=0)))]
+        # no answer, and no harm (test_heartbeat_for_a_live_worker_from_another_socket_is_ignored)
         silent += [heartbeat_from(f"fuzz-impostor-{i}", fake_info(victim, layout_hash=real_hash))
-                   for i, victim in enumerate(decode_ids + [prefill_id])]  # no answer, and (see the xfail) no harm
+                   for i, victim in enumerate(decode_ids + [prefill_id])]
         starting = wire.open(zmq.DEALER, c.control_port, starting_identity("fuzz-starting"))
         wire.send(starting, [encode(Starting("fuzz-starting", "decode"))])
         wire.send(starting, [encode(Starting(decode_ids[0], "decode"))])  # not its identity: ignored
@@ -720,9 +720,6 @@ def test_worker_messages_from_other_sockets_are_dropped(cluster, baseline, layou
     assert kv_bytes() > before  # the real prefill worker's report of the good request does count
 
 
-@pytest.mark.xfail(strict=True, reason="router defect (router/registry.py WorkerRegistry.heartbeat): a heartbeat "
-                                       "naming a registered worker is taken from any socket, so a stranger can set its "
-                                       "load or keep a hung worker alive")
 def test_heartbeat_for_a_live_worker_from_another_socket_is_ignored(cluster):
     victim = cluster.alive("decode")[0]["worker_id"]
     marker = 987654321

@@ -221,3 +221,42 @@ class LocalCluster:
             except subprocess.TimeoutExpired:
                 p.kill()
                 p.wait()
+
+
+# --- the checks every end-to-end scenario ends with -------------------------------------------------------------
+IDLE_WAIT_S = 30.0  # the slowest legitimate wind-down: a lease or heartbeat timeout after a fault, with margin
+
+
+def idle_problems(c: LocalCluster) -> list[str]:
+    """What keeps the cluster from being idle (empty when it is)."""
+    status, body = c.get("/cluster")
+    if status != 200:
+        return [f"/cluster answered {status}"]
+    page = json.loads(body)
+    problems = [f"the router holds {page['requests']} requests"] if page["requests"] else []
+    for w in page["workers"]:
+        if not w["alive"]:
+            continue
+        load, name = w["load"], w["worker_id"]
+        if w["inflight"]:
+            problems.append(f"{name}: {w['inflight']} requests in flight in the router's books")
+        if load["num_running"] or load["num_waiting"]:
+            problems.append(f"{name}: {load['num_running']} running, {load['num_waiting']} waiting")
+        if load["free_blocks"] != load["total_blocks"]:
+            problems.append(f"{name}: {load['total_blocks'] - load['free_blocks']} KV blocks still held")
+    return problems
+
+
+def assert_idle(c: LocalCluster, timeout: float = IDLE_WAIT_S):
+    """Wait (heartbeats carry the loads, so a few of them) until the cluster is idle; fail saying what is not."""
+    deadline = time.monotonic() + timeout
+    while (problems := idle_problems(c)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not problems, f"the cluster is not idle after {timeout:g} s: {problems}; logs in {c.log_dir}"
+
+
+def assert_all_up(c: LocalCluster):
+    """Every process the harness started is still running (a crash is a failure even if migration hid it)."""
+    dead = [f"{role} {i} (exit {p.returncode})" for role, procs in c.procs.items() for i, p in enumerate(procs)
+            if p.poll() is not None]
+    assert not dead, f"processes died: {dead}; logs in {c.log_dir}"

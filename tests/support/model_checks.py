@@ -33,8 +33,8 @@ def cluster_serving_like_offline(model_dir: str, transport: str, max_tokens: int
     (the offline engine keeps its defaults)."""
     from common import SamplingParams
     from common.engine import LLM
-    from tests.support.cluster_harness import LocalCluster
-    from tests.workers.test_cluster import prompts, run_concurrently, stream_chat, wait_no_leaks
+    from tests.support.cluster_harness import LocalCluster, assert_idle
+    from tests.workers.test_cluster import prompts, run_concurrently, stream_chat
 
     ps = prompts(num_prompts, seed=5)
     llm = LLM(model_dir, num_kv_blocks=512)
@@ -50,5 +50,5 @@ def cluster_serving_like_offline(model_dir: str, transport: str, max_tokens: int
         assert all(r["usage"].completion_tokens == max_tokens for r in results)
         for w in c.alive("prefill") + c.alive("decode"):
             assert w["assigned"] > 0 and w["kv_transport"] == transport
-        wait_no_leaks(c)
+        assert_idle(c)
         yield c, llm, ps
