@@ -56,14 +56,20 @@ def refusals(outcomes, reason: str) -> int:
     return sum(1 for o in outcomes if o.status == 429 and reason in o.error["message"])
 
 
-def test_beyond_the_queue_limit_new_requests_get_429_at_once(overloadable, offline):
-    prompts = distinct_prompts(8, seed=1)
-    expected = expected_texts(offline, prompts, 32)
-    requests = [body(prompts[i % len(prompts)], 32, stream=i % 2 == 0) for i in range(160)]
-    outcomes = send_all(overloadable.base_url, requests)
-    counts = by_status(outcomes)
-    assert refusals(outcomes, QUEUE_FULL) > 0 and counts.get(200, 0) >= 4, counts  # 4: the decode worker's room
+def overload(c: LocalCluster, offline, seed: int, max_tokens: int, count: int) -> tuple[list, dict[int, int]]:
+    """count requests at once (half streamed), over 4 prompts; their outcomes and counts by status, each checked by
+    assert_overload_answers."""
+    prompts = distinct_prompts(4, seed)
+    expected = expected_texts(offline, prompts, max_tokens)
+    requests = [body(prompts[i % len(prompts)], max_tokens, stream=i % 2 == 0) for i in range(count)]
+    outcomes = send_all(c.base_url, requests)
     assert_overload_answers(outcomes, requests, expected)
+    return outcomes, by_status(outcomes)
+
+
+def test_beyond_the_queue_limit_new_requests_get_429_at_once(overloadable, offline):
+    outcomes, counts = overload(overloadable, offline, seed=1, max_tokens=32, count=160)
+    assert refusals(outcomes, QUEUE_FULL) > 0 and counts.get(200, 0) >= 4, counts  # 4: the decode worker's room
     metrics = overloadable.get("/metrics")[1].decode()
     assert f'nano_pd:request_errors_total{{status="429"}} {float(counts[429])}' in metrics
     assert "nano_pd:requests_queued 0.0" in metrics
@@ -74,15 +80,11 @@ def test_beyond_the_queue_limit_new_requests_get_429_at_once(overloadable, offli
 def test_full_decode_workers_answer_429_after_the_admit_timeout(overloadable, offline):
     # fewer requests than the queue limit, 200 tokens each, two at a time: the last ones would wait for several
     # rounds of two, far beyond the admit timeout
-    prompts = distinct_prompts(4, seed=2)
-    expected = expected_texts(offline, prompts, 200)
-    requests = [body(prompts[i % len(prompts)], 200, stream=i % 2 == 1) for i in range(10)]
-    outcomes = send_all(overloadable.base_url, requests)
-    counts = by_status(outcomes)
+    outcomes, counts = overload(overloadable, offline, seed=2, max_tokens=200, count=10)
     assert refusals(outcomes, WORKERS_FULL) > 0 and refusals(outcomes, QUEUE_FULL) == 0, counts
     assert counts.get(200, 0) >= 4, counts
-    assert_overload_answers(outcomes, requests, expected)
     assert_all_up(overloadable)
     assert_idle(overloadable)
-    again = send_all(overloadable.base_url, [body(prompts[0], 16, stream=True)])
-    assert again[0].text == expected_texts(offline, prompts[:1], 16)[prompts[0]]
+    prompt = distinct_prompts(1, seed=3)[0]
+    again = send_all(overloadable.base_url, [body(prompt, 16, stream=True)])
+    assert again[0].text == expected_texts(offline, [prompt], 16)[prompt]
