@@ -18,6 +18,7 @@ import numpy as np
 import torch
 import zmq
 
+from common.cluster.protocol import worth_logging
 from kv_transfer.base import DEFAULT_TIMEOUT_S, KVTransport, TransferResult, ZmqPeerInfo, log
 from kv_transfer.layout import KVLayout
 
@@ -203,7 +204,7 @@ class ZmqTransport(KVTransport):
         """Log what a stranger (or a late peer) sent, rate-limited: anyone who reaches the port can send a flood, and
         one line per message would be a flood in the log."""
         self._num_dropped += 1
-        if self._num_dropped <= 10 or self._num_dropped % 1000 == 0:
+        if worth_logging(self._num_dropped):
             log.warning(fmt + " (%d dropped so far)", *args, self._num_dropped)
 
     def _wait_received(self, seconds: float) -> None:

@@ -19,7 +19,7 @@ import zmq.asyncio
 
 from common.block_hash import block_hashes
 from common.cluster.protocol import (MIXED, PREFILL, Abort, Admit, Decoder, Heartbeat, KVTransferred, PeerGone,
-                                     Rejected, RouterInbound, Starting, TokenOutput, Tokens, encode)
+                                     Rejected, RouterInbound, Starting, TokenOutput, Tokens, encode, worth_logging)
 from common.sampling_params import SamplingParams
 from router import routing
 from router.registry import Worker, WorkerRegistry
@@ -144,7 +144,7 @@ class Cluster:
 
     def _dropped_unknown_sender(self, what: str):
         self.num_dropped_unknown += 1
-        if self.num_dropped_unknown <= 10 or self.num_dropped_unknown % 1000 == 0:
+        if worth_logging(self.num_dropped_unknown):
             log.warning("dropped a %s message from a socket that is no live worker's (%d so far)", what,
                         self.num_dropped_unknown)
 

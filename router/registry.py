@@ -16,7 +16,7 @@ from typing import Awaitable, Callable
 import msgspec
 
 from common.cluster.protocol import (DECODE, MIXED, PREFILL, ROLES, Heartbeat, Registered, Starting, WorkerInfo,
-                                     WorkerLoad, events_identity, starting_identity)
+                                     WorkerLoad, events_identity, starting_identity, worth_logging)
 
 log = logging.getLogger("nano_pd.router")
 
@@ -108,7 +108,7 @@ class WorkerRegistry:
         error = self.registration_error(identity, info)
         if error:
             self.num_refused += 1
-            if self.num_refused <= 10 or self.num_refused % 1000 == 0:  # a misconfigured worker beats twice a second
+            if worth_logging(self.num_refused):  # a misconfigured worker beats twice a second
                 log.error("refusing worker %s: %s (%d refusals so far)", info.worker_id, error, self.num_refused)
             return Registered(False, error)
         self.workers[info.worker_id] = Worker(info, hb.load, now)

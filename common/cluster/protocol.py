@@ -170,6 +170,12 @@ _encoder = msgspec.msgpack.Encoder()
 encode = _encoder.encode
 
 
+def worth_logging(count: int) -> bool:
+    """Whether the count-th occurrence of a repeated complaint is logged: the first ten, then every thousandth, so
+    a flood (anyone who reaches a port can send one) neither floods the log nor goes unseen."""
+    return count <= 10 or count % 1000 == 0
+
+
 class Decoder:
     """Strict decoding of one socket's union; garbage becomes None (logged, rate-limited), never an exception."""
 
@@ -186,7 +192,7 @@ class Decoder:
             # msgspec raises RecursionError for a deeply nested value (a few KiB of 0x91 bytes), even one it
             # only skips (an unknown field): uncaught, it ended the router's receive loop or a worker's main loop
             self.num_dropped += 1
-            if self.num_dropped <= 10 or self.num_dropped % 1000 == 0:
+            if worth_logging(self.num_dropped):
                 log.warning("dropped an undecodable message on %s (%d so far): %s", self.where,
                             self.num_dropped, str(e)[:200])
             return None

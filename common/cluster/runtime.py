@@ -21,7 +21,7 @@ import zmq
 
 from common.names import served_model_name
 from common.cluster.protocol import (Abort, Decoder, Heartbeat, Registered, Starting, WorkerInfo, WorkerLoad, encode,
-                                     events_identity, starting_identity)
+                                     events_identity, starting_identity, worth_logging)
 
 HEARTBEAT_INTERVAL_S = 0.5
 # PUSH sockets kept open to peers' inboxes: far more than a cluster has workers, far fewer than a ZMQ context's
@@ -227,7 +227,7 @@ class WorkerRuntime:
                     out.append(msg)
                 elif len(frames) != 1:  # counted and logged like undecodable ones: a flood must not flood the log
                     decoder.num_dropped += 1
-                    if decoder.num_dropped <= 10 or decoder.num_dropped % 1000 == 0:
+                    if worth_logging(decoder.num_dropped):
                         log.warning("dropped a %d-frame message on %s (%d so far)", len(frames), decoder.where,
                                     decoder.num_dropped)
         return commands, peer_messages
@@ -264,7 +264,7 @@ class WorkerRuntime:
 
     def _dropped_peer_message(self, endpoint: str, msg: msgspec.Struct, why: str):
         self.num_bad_peer_endpoints += 1
-        if self.num_bad_peer_endpoints <= 10 or self.num_bad_peer_endpoints % 1000 == 0:
+        if worth_logging(self.num_bad_peer_endpoints):
             log.warning("dropped a %s message to the bad endpoint %.100r (%s; %d so far)", type(msg).__name__,
                         endpoint, why, self.num_bad_peer_endpoints)
 
