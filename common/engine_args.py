@@ -19,7 +19,8 @@ def option(default, help: str, **flag):
 @dataclass
 class EngineArgs:
     model: str | None = option(None, "HF folder, .gguf file or the default model's name")
-    dtype: str = option("auto", "weights and KV cache (auto: the checkpoint's dtype, float32 when it names none)",
+    dtype: str = option("auto", "weights and KV cache (auto: $NANO_PD_DTYPE if set; on a CPU bfloat16 where it is "
+                        "native, else float32; on a GPU the checkpoint's dtype)",
                         choices=("auto", "float32", "bfloat16", "float16"))
     block_size: int = option(16, "tokens per KV block")
     max_num_seqs: int = option(256, "sequences running at once at the most")

@@ -34,24 +34,6 @@ def batch_buckets(max_batch: int) -> list[int]:
     return sizes + [max_batch]
 
 
-def prepack_linears(model) -> int:
-    """Reorder every linear's and the LM head's weight for oneDNN (common/layers/packed_linear.py); a plain
-    weight that no other module shares is freed. Returns the number of weights packed."""
-    from collections import Counter
-
-    from common.layers.embedding import ParallelLMHead
-    from common.layers.linear import _ShardedLinear
-    from common.layers.packed_linear import pack
-
-    uses = Counter(id(p) for _, p in model.named_parameters(remove_duplicate=False))
-    packed = 0
-    for module in model.modules():
-        if isinstance(module, (_ShardedLinear, ParallelLMHead)) and getattr(module, "prepack", True):
-            pack(module, free_plain=uses[id(module.weight)] == 1)
-            packed += 1
-    return packed
-
-
 class CompiledDecode:
     """Callable like the model's forward, for batches whose every query is one decode token."""
 

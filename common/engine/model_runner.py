@@ -5,14 +5,14 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from common.engine.compiled_step import CompiledDecode, prepack_linears, resolve_mode
+from common.engine.compiled_step import CompiledDecode, resolve_mode
 from common.engine.config import EngineConfig
 from common.engine.kv_cache import KVCache
 from common.layers import paged_attention_cpu
 from common.layers.attention import AttentionMetadata, KernelInputs, PrefillChunk
 from common.engine.sampler import sample
 from common.models.loader import load_weights
-from common.layers.packed_linear import can_pack
+from common.layers.packed_linear import can_pack, prepack_linears
 from common.parallel.state import tp_size
 from common.models import model_class
 from common.engine.sequence import Sequence
@@ -67,8 +67,8 @@ class ModelRunner:
         # CUDA-graph padding rows write into one scratch block past those the block manager hands out
         scratch = 1 if self.decode_mode == "cuda_graph" else 0
         self.kv = KVCache(self.model, config, lead, scratch)
-        if self.decode_mode == "compile" and can_pack(config.torch_dtype, self.device):
-            log.info("compiled decode: %d linear weights prepacked for oneDNN", prepack_linears(self.model))
+        if can_pack(config.torch_dtype, self.device):
+            log.info("%d linear weights prepacked for oneDNN", prepack_linears(self.model))
         self.decode_step = None
         if self.decode_mode != "eager":
             self.decode_step = CompiledDecode(

@@ -118,6 +118,25 @@ def test_bad_engine_arguments(tiny_dir, bad):
         LLM(str(tiny_dir), **bad)
 
 
+@pytest.mark.parametrize("native,pinned,want", [(True, None, "bfloat16"), (False, None, "float32"),
+                                                (True, "float32", "float32"), (False, "float16", "float16"),
+                                                (True, "auto", "bfloat16")])
+def test_auto_dtype(tiny_dir, monkeypatch, native, pinned, want):
+    """dtype=auto: $NANO_PD_DTYPE where set, else bfloat16 on a CPU with native bf16 and float32 on one without
+    (the tiny checkpoint is float32 either way)."""
+    from common.engine import config
+
+    monkeypatch.setattr(config, "native_bf16", lambda: native)
+    monkeypatch.delenv(config.AUTO_DTYPE_ENV, raising=False)
+    if pinned is not None:
+        monkeypatch.setenv(config.AUTO_DTYPE_ENV, pinned)
+    assert config.EngineConfig(model=str(tiny_dir)).dtype == want
+    assert config.EngineConfig(model=str(tiny_dir), dtype="float32").dtype == "float32"
+    monkeypatch.setenv(config.AUTO_DTYPE_ENV, "int3")
+    with pytest.raises(InvalidRequestError, match="NANO_PD_DTYPE"):
+        config.EngineConfig(model=str(tiny_dir))
+
+
 def test_gguf_path_that_does_not_exist():
     with pytest.raises(ModelLoadError):
         LLM(os.path.join("/nonexistent", "model.gguf"))

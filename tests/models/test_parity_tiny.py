@@ -20,6 +20,7 @@ from tests.support.hf_reference import (
     make_llm,
     run_mode_and_compare,
 )
+from tests.support.model_checks import prefill_logits
 from tests.support.tiny_models import TinyConfig
 
 MAX_NEW = 64
@@ -82,6 +83,31 @@ def test_parity(cfg, mode, tiny_model_factory):
 
 
 COUNTER_LENS = [5, 16, 32, 47, 100, 128, 250, 301]
+
+
+@pytest.mark.parametrize("cfg", [CONFIGS[1], CONFIGS[4]], ids=lambda c: c.id)
+def test_bf16_logits_match_hf(cfg, tiny_model_factory):
+    """bfloat16 (what dtype=auto picks on a CPU with native bf16), every position, in two prefill chunks (the
+    second reads the first back from the paged cache): our logits part from the float32 reference no further than
+    transformers' own bfloat16 logits do, and stay far closer to those than either is to float32."""
+    from transformers import AutoModelForCausalLM
+
+    from common.engine.config import EngineConfig
+    from common.engine.model_runner import ModelRunner
+
+    d = tiny_model_factory(cfg)
+    prompt = make_prompts(cfg.vocab_size, cfg.seed)[0] + make_prompts(cfg.vocab_size, cfg.seed + 1)[0]
+    runner = ModelRunner(EngineConfig(model=str(d), dtype="bfloat16", block_size=16,
+                                      num_kv_blocks=len(prompt) // 16 + 2))
+    ours = prefill_logits(runner, prompt, [37, len(prompt)])
+    with torch.inference_mode():
+        ref = {dtype: AutoModelForCausalLM.from_pretrained(d, dtype=dtype).eval()(torch.tensor([prompt])).logits[0]
+               .float() for dtype in (torch.float32, torch.bfloat16)}
+    assert ref[torch.float32].std() > 0.5, "degenerate tiny model"
+    hf_error = (ref[torch.bfloat16] - ref[torch.float32]).abs()
+    our_error = (ours - ref[torch.float32]).abs()
+    assert our_error.max() <= 1.25 * hf_error.max() and our_error.mean() <= 1.1 * hf_error.mean()
+    assert (ours - ref[torch.bfloat16]).abs().mean() <= 0.25 * hf_error.mean()
 
 
 def _tail(n: int, bs: int) -> int:
