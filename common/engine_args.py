@@ -22,6 +22,11 @@ class EngineArgs:
     dtype: str = option("auto", "weights and KV cache (auto: $NANO_PD_DTYPE if set; on a CPU bfloat16 where it is "
                         "native, else float32; on a GPU the checkpoint's dtype)",
                         choices=("auto", "float32", "bfloat16", "float16"))
+    quantization: str = option(
+        "auto", "weights: int4 (a GGUF's own Q4_0/Q4_1 blocks, a float checkpoint's linears quantized at load), "
+                "none (the float weights; a GGUF dequantized), auto (int4 for a GGUF in bfloat16, else none)",
+        choices=("auto", "none", "int4"))
+    quantization_group_size: int = option(32, "inputs per int4 group of a float checkpoint (32, 64, 128 or 256)")
     block_size: int = option(16, "tokens per KV block")
     max_num_seqs: int = option(256, "sequences running at once at the most")
     max_num_batched_tokens: int = option(2048, "tokens one engine step computes at the most")

@@ -22,6 +22,15 @@ def served_model_name(model: str | None) -> str:
     return base[:-5] if base.endswith(".gguf") else base
 
 
+def gguf_source(model: str | None) -> str | None:
+    """The .gguf file that `model` names (the default model's included), or None."""
+    if is_default_model(model):
+        from common.models import gguf
+
+        return gguf.default_gguf_path()
+    return model if os.path.isfile(model) and model.endswith(".gguf") else None
+
+
 def resolve_model(model: str | None, dtype: str = "float32") -> str:
     """A model folder for a folder, a .gguf file (converted once, then cached) or the default model's name."""
     if is_default_model(model) or (os.path.isfile(model) and model.endswith(".gguf")):

@@ -165,6 +165,7 @@ class WorkerRegistry:
         now = time.monotonic()
         return [{"worker_id": w.worker_id, "role": w.info.role, "alive": w.alive, "host": w.info.host,
                  "pid": w.info.pid, "inbox": w.info.inbox, "kv_transport": w.info.kv_transport,
+                 "weights": w.info.weights,
                  "num_blocks": w.info.num_blocks, "inflight": len(w.inflight), "assigned": w.assigned,
                  "seconds_since_heartbeat": round(now - w.last_seen, 3), "load": msgspec.structs.asdict(w.load)}
                 for w in self.workers.values()]

@@ -39,6 +39,9 @@ class WorkerInfo(msgspec.Struct, frozen=True):
     max_model_len: Annotated[int, msgspec.Meta(ge=1)]
     host: str = ""
     pid: int = 0
+    # what the worker computes with, e.g. "bfloat16, int4": P and D may differ (the KV layout does not depend on
+    # the weights), so this is shown on /cluster, never checked
+    weights: str = ""
 
 
 class WorkerLoad(msgspec.Struct, array_like=True):

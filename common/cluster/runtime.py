@@ -135,13 +135,13 @@ class WorkerRuntime:
             worker_id=self.worker_id, role=self.role, model=self.model_name, inbox=self.inbox_endpoint,
             kv_transport=kv_transport, kv_layout_hash=kv_layout_hash, block_size=cfg.block_size,
             num_blocks=self.engine.block_manager.num_blocks, max_model_len=cfg.max_model_len,
-            host=self.advertise_host, pid=os.getpid())
+            host=self.advertise_host, pid=os.getpid(), weights=f"{cfg.dtype}, {cfg.quantization}")
         self._thread = threading.Thread(target=self._control_loop, args=(load_fn,), daemon=True, name="heartbeat")
         self._thread.start()
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: self.stop())
-        log.info("%s started: inbox %s, router %s, %d KV blocks, transport %s", self.worker_id,
-                 self.inbox_endpoint, self.router_endpoint, self.info.num_blocks, kv_transport)
+        log.info("%s started: inbox %s, router %s, %d KV blocks, transport %s, weights %s", self.worker_id,
+                 self.inbox_endpoint, self.router_endpoint, self.info.num_blocks, kv_transport, self.info.weights)
 
     def engine_load(self, **extra) -> WorkerLoad:
         s = self.engine.stats()

@@ -7,7 +7,7 @@ import torch
 
 from common.engine_args import EngineArgs
 from common.errors import InvalidRequestError, ModelLoadError
-from common.names import resolve_model
+from common.names import gguf_source, resolve_model
 
 log = logging.getLogger("nano_pd.config")
 
@@ -41,6 +41,7 @@ def auto_dtype(device: torch.device, hf_config) -> str:
 class EngineConfig(EngineArgs):
     """EngineArgs (the options and their defaults), checked, with the model resolved and its HF config read."""
     hf_config: object = field(default=None, repr=False)
+    gguf_file: str | None = None  # the .gguf file the model was converted from
 
     def __post_init__(self):
         from transformers import AutoConfig
@@ -67,6 +68,10 @@ class EngineConfig(EngineArgs):
         check(self.decode_mode in MODES, f"decode_mode must be one of {list(MODES)}")
         check(self.num_kv_blocks is None or (isinstance(self.num_kv_blocks, int) and self.num_kv_blocks >= 1),
               "num_kv_blocks must be a positive integer")
+        check(self.quantization in ("auto", "none", "int4"), "quantization must be auto, none or int4")
+        from common.layers.quantized_linear import GROUP_SIZES
+        check(self.quantization_group_size in GROUP_SIZES, f"quantization_group_size must be one of {GROUP_SIZES}")
+        self.gguf_file = gguf_source(self.model)
         self.model = resolve_model(self.model, "float32" if self.dtype == "auto" else self.dtype)
         try:
             self.hf_config = AutoConfig.from_pretrained(self.model)
@@ -74,6 +79,11 @@ class EngineConfig(EngineArgs):
             raise ModelLoadError(f"cannot read the config of {self.model}: {e}") from e
         if self.dtype == "auto":
             self.dtype = auto_dtype(device, self.hf_config)
+        if self.quantization == "auto":
+            # torch's int4 kernel is fast for bf16 activations only; float32 keeps the parity path
+            self.quantization = "int4" if self.gguf_file and self.dtype == "bfloat16" and device.type == "cpu" \
+                else "none"
+        check(self.quantization == "none" or device.type == "cpu", "int4 weights run on the CPU only")
         limit = self.hf_config.max_position_embeddings
         check(self.max_model_len is None or 1 <= self.max_model_len <= limit,
               f"max_model_len must be in [1, {limit}] for this model")
@@ -103,6 +113,8 @@ class EngineConfig(EngineArgs):
             return
         check(not getattr(arch, "has_recurrent_state", False),
               f"{arch.__name__}'s linear-attention layers are not sharded: tensor_parallel_size must be 1")
+        check(self.quantization == "none", "int4 weights are not sharded: tensor_parallel_size must be 1, "
+                                           "or quantization none")
         check(self.speculative is None or self.speculative.method != "draft_model",
               "a draft model is not supported with tensor_parallel_size > 1 (n-gram speculation is)")
         check(torch.device(self.device).type == "cpu" or torch.cuda.device_count() >= tp,

@@ -50,6 +50,8 @@ class ModelRunner:
         finally:
             torch.set_default_dtype(default_dtype)
         load_weights(self.model, config.model)
+        if config.quantization == "int4":
+            self._quantize(config)
         self.model.eval()
         if self.device.type == "cpu":
             paged_attention_cpu.available()  # built or loaded now, not in the first step (nor while compiling)
@@ -59,6 +61,11 @@ class ModelRunner:
         if has_state and self.decode_mode != "eager":
             # the compiled steps reach only the paged pool through an opaque op; the state is updated in place
             log.info("decode_mode %s does not cover recurrent-state layers; decoding eagerly", self.decode_mode)
+            self.decode_mode = "eager"
+        if config.quantization == "int4" and self.decode_mode != "eager":
+            # the int4 matmul picks its kernel by the number of rows and expands into a shared buffer; neither is
+            # traced yet
+            log.info("decode_mode %s does not cover int4 weights yet; decoding eagerly", self.decode_mode)
             self.decode_mode = "eager"
         if tp_size() > 1 and self.decode_mode != "eager":
             # the collectives inside the layers would have to be traced (or captured) too; not verified yet
@@ -75,6 +82,16 @@ class ModelRunner:
                 self.model, self.decode_mode, max_batch=config.max_num_seqs,
                 max_blocks=-(-config.max_model_len // self.block_size), block_size=self.block_size,
                 scratch_slot=self.kv.num_blocks * self.block_size if scratch else None)
+
+    def _quantize(self, config: EngineConfig):
+        from common.models.quantize import load_gguf_int4, quantize_linears
+
+        if config.gguf_file:
+            count, source = load_gguf_int4(self.model, config.gguf_file, config.torch_dtype), "the GGUF's blocks"
+        else:
+            count = quantize_linears(self.model, config.quantization_group_size, config.torch_dtype)
+            source = f"quantized at load, groups of {config.quantization_group_size}"
+        log.info("int4 weights (%s): %d linears; activations %s", source, count, config.dtype)
 
     def prepare(self, scheduled: list[tuple[Sequence, int]]):
         """Flattened token ids, positions and attention metadata; single-token queries first.

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from common.layers.packed_linear import matmul
+from common.layers.quantized_linear import is_int4
 from common.parallel.state import all_reduce, tp_rank, tp_size
 
 
@@ -29,7 +30,7 @@ class _ShardedLinear(nn.Module):
         param.data.copy_(loaded)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if getattr(self, "packed_key", None) is None:
+        if getattr(self, "packed_key", None) is None and not is_int4(self):
             return F.linear(x, self.weight, self.bias)
         y = matmul(self, x)
         return y if self.bias is None else y + self.bias

@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from common.layers.quantized_linear import is_int4, matmul_int4
+
 _MODULES: "weakref.WeakValueDictionary[int, nn.Module]" = weakref.WeakValueDictionary()
 _NEXT_KEY = itertools.count()
 
@@ -39,10 +41,10 @@ def pack(module: nn.Module, free_plain: bool) -> None:
 
 
 def matmul(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """x @ module.weight.T, through the prepacked weight once there is one."""
+    """x @ module.weight.T, through the prepacked or the int4 weight once there is one."""
     key = getattr(module, "packed_key", None)
     if key is None:
-        return F.linear(x, module.weight)
+        return matmul_int4(module, x) if is_int4(module) else F.linear(x, module.weight)
     return torch.ops.nano_pd.packed_linear(x, key)
 
 
@@ -67,7 +69,8 @@ def prepack_linears(model) -> int:
     uses = Counter(id(p) for _, p in model.named_parameters(remove_duplicate=False))
     packed = 0
     for module in model.modules():
-        if isinstance(module, (_ShardedLinear, ParallelLMHead)) and getattr(module, "prepack", True):
+        if isinstance(module, (_ShardedLinear, ParallelLMHead)) and getattr(module, "prepack", True) \
+                and not is_int4(module):
             pack(module, free_plain=uses[id(module.weight)] == 1)
             packed += 1
     return packed

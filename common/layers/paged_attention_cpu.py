@@ -37,7 +37,8 @@ import torch
 
 log = logging.getLogger(__name__)
 
-_SRC = Path(__file__).resolve().parent / "csrc" / "paged_attention.cpp"
+# one library: the attention kernels, and the int4 weight expansion of quantized_linear.py
+_SOURCES = [Path(__file__).resolve().parent / "csrc" / name for name in ("paged_attention.cpp", "int4_expand.cpp")]
 _ISA_ENV = "NANO_PD_PAGED_ATTENTION_ISA"
 _ISAS = ("portable", "avx2", "avx512")
 _ISA_FLAGS = {
@@ -108,8 +109,7 @@ def _load() -> bool:
         isa = _chosen_isa()
         cflags = _BASE_FLAGS + _ISA_FLAGS[isa]
         ldflags = ["-fopenmp"]
-        source = _SRC.read_text()
-        key = "\n".join([source, " ".join(cflags), " ".join(ldflags), torch.__version__, platform.machine()])
+        key = "\n".join([*(src.read_text() for src in _SOURCES), " ".join(cflags), " ".join(ldflags), torch.__version__, platform.machine()])
         name = f"nano_pd_paged_attention_{hashlib.sha256(key.encode()).hexdigest()[:16]}"
         build_dir = cache_dir() / name
         lib = build_dir / f"{name}.so"
@@ -133,7 +133,7 @@ def _load() -> bool:
             if shutil.which(cxx) is None:
                 raise RuntimeError(f"no C++ compiler ({cxx!r} not found)")
             build_dir.mkdir(parents=True, exist_ok=True)
-            cpp_extension.load(name=name, sources=[str(_SRC)], extra_cflags=cflags, extra_ldflags=ldflags,
+            cpp_extension.load(name=name, sources=[str(src) for src in _SOURCES], extra_cflags=cflags, extra_ldflags=ldflags,
                                build_directory=str(build_dir), is_python_module=False, verbose=False)
             _info["built"] = True
         got = torch.ops.nano_pd.paged_attention_isa()
@@ -170,6 +170,10 @@ def _register_fakes():
     @torch.library.register_fake("nano_pd::paged_attention_prefill")
     def _(q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, scale):
         return q.new_empty(q.shape)
+
+    @torch.library.register_fake("nano_pd::int4_expand")
+    def _(nibbles, scales, offsets, out):
+        return None
 
 
 def use_kernel(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> bool:

@@ -13,6 +13,7 @@ import importlib.util
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 
 import gguf
 import numpy as np
@@ -107,9 +108,17 @@ def _unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, half, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
+def _restore_row_order(reader: gguf.GGUFReader, arch: str, name: str, rows: np.ndarray) -> np.ndarray:
+    """Undo llama.cpp's q/k row permutation on anything with one row per output feature (weights, codes, scales)."""
+    if _ARCHS[arch] and ".self_attn.q_proj." in name:
+        return _unpermute(rows, _field(reader, f"{arch}.attention.head_count"))
+    if _ARCHS[arch] and ".self_attn.k_proj." in name:
+        n_head = _field(reader, f"{arch}.attention.head_count")
+        return _unpermute(rows, _field(reader, f"{arch}.attention.head_count_kv", n_head))
+    return rows
+
+
 def _read_weights(reader: gguf.GGUFReader, arch: str, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    n_head = _field(reader, f"{arch}.attention.head_count")
-    n_head_kv = _field(reader, f"{arch}.attention.head_count_kv", n_head)
     tensors = {}
     for t in reader.tensors:
         name = _hf_name(t.name)
@@ -117,13 +126,38 @@ def _read_weights(reader: gguf.GGUFReader, arch: str, dtype: torch.dtype) -> dic
             continue
         # GGUF lists dims fastest-first; numpy/torch want them slowest-first.
         w = gguf.quants.dequantize(t.data, t.tensor_type).reshape(tuple(reversed(t.shape.tolist())))
-        if _ARCHS[arch] and ".self_attn.q_proj." in name:
-            w = _unpermute(w, n_head)
-        elif _ARCHS[arch] and ".self_attn.k_proj." in name:
-            w = _unpermute(w, n_head_kv)
+        w = _restore_row_order(reader, arch, name, w)
         # np.array copies out of the read-only memmap; cast per tensor to bound peak memory.
         tensors[name] = torch.from_numpy(np.array(w, dtype=np.float32)).to(dtype).contiguous()
     return tensors
+
+
+# llama.cpp's 4-bit blocks: 32 weights, an fp16 scale d (Q4_1: then an fp16 minimum m), then 16 bytes of codes q
+# in 0..15 (weight j in the low nibble of byte j, weight j + 16 in the high one); a weight is d * q + m, and Q4_0's
+# is d * (q - 8). Other types (Q8_0, the K-quants) are dequantized like float tensors.
+INT4_GROUP = 32
+_INT4_TYPES = {gguf.GGMLQuantizationType.Q4_0: False, gguf.GGMLQuantizationType.Q4_1: True}  # has a minimum
+
+
+def read_int4_tensors(gguf_path: str) -> Iterator[tuple[str, torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """(HF name, codes [out, in] uint8, scales and offsets [out, in / 32] float32) of every Q4_0 / Q4_1 tensor,
+    straight from the file's blocks, rows in HF's order."""
+    _check_gguf(gguf_path)
+    reader = gguf.GGUFReader(gguf_path)
+    arch = _field(reader, "general.architecture")
+    for t in reader.tensors:
+        has_min = _INT4_TYPES.get(t.tensor_type)
+        name = _hf_name(t.name)
+        if has_min is None or name is None:
+            continue
+        cols, rows = t.shape.tolist()
+        blocks = np.asarray(t.data).reshape(rows, cols // INT4_GROUP, -1)
+        scales = blocks[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float32)
+        offsets = blocks[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float32) if has_min else -8 * scales
+        qs = blocks[..., 4:] if has_min else blocks[..., 2:]
+        codes = np.concatenate((qs & 0x0F, qs >> 4), axis=-1).reshape(rows, cols)
+        yield name, *(torch.from_numpy(np.ascontiguousarray(_restore_row_order(reader, arch, name, a)))
+                      for a in (codes, scales, offsets))
 
 
 def _build(gguf_path: str, out: str, dtype: torch.dtype) -> None:

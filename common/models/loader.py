@@ -9,7 +9,7 @@ from common.errors import ModelLoadError
 from common.layers.moe import expert_checkpoint_target
 
 
-def _target(model: nn.Module, name: str) -> tuple[str, object]:
+def checkpoint_target(model: nn.Module, name: str) -> tuple[str, object]:
     """Checkpoint tensor name -> (our parameter name, shard id or None).
 
     Module renames (e.g. MiniMax's block_sparse_moe -> mlp) apply first, then expert weights go to their FusedMoE
@@ -37,7 +37,7 @@ def load_weights(model: nn.Module, folder: str):
             for name in f.keys():
                 if "rotary_emb.inv_freq" in name or (tied and name == "lm_head.weight"):
                     continue
-                target, shard_id = _target(model, name)
+                target, shard_id = checkpoint_target(model, name)
                 param = params.get(target)
                 if param is None:
                     raise ModelLoadError(f"checkpoint tensor {name!r} has no place in {type(model).__name__}")

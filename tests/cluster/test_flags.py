@@ -19,6 +19,8 @@ FIELDS = {f.name: f for f in dataclasses.fields(EngineArgs)}
 CHANGED = {
     "model": (["--model", "/models/tiny"], "/models/tiny"),
     "dtype": (["--dtype", "bfloat16"], "bfloat16"),
+    "quantization": (["--quantization", "int4"], "int4"),
+    "quantization_group_size": (["--quantization-group-size", "128"], 128),
     "block_size": (["--block-size", "32"], 32),
     "max_num_seqs": (["--max-num-seqs", "8"], 8),
     "max_num_batched_tokens": (["--max-num-batched-tokens", "512"], 512),

@@ -1,0 +1,109 @@
+"""Weight-only int4 linears on CPU: 4-bit codes q in groups of g input features, each group with a scale and an
+offset, w = q * scale + offset (GGUF's Q4_1 as it is, Q4_0 with offset -8 * scale, or a float checkpoint
+quantized at load).
+
+Two kernels, picked per call by the number of rows. A decode step of a few sequences is bound by reading the
+weights: torch's packed int4 matmul reads ~4.5 bits a weight where bf16 reads 16, and unpacks them in registers
+(on the CI CPU, 2.4x faster than oneDNN's bf16 matmul at one row). With more rows the arithmetic dominates and
+that kernel falls behind oneDNN's GEMM (2x slower at 64 rows), so there the weight is expanded to the activation
+dtype for the call and multiplied by oneDNN; the expansion costs about one pass over a bf16 weight.
+
+The packed int4 kernel takes bf16 activations at full speed (fp32 ones through a slow path), so `quantization auto`
+keeps int4 only for bf16 engines; its scales and offsets are kept in the activation dtype, as torch requires.
+"""
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from common.layers import paged_attention_cpu
+
+GROUP_SIZES = (32, 64, 128, 256)  # those torch's packed int4 kernel takes
+# Rows up to which the packed kernel wins (measured with benchmarks/decode.py --quantization int4 on the CI CPU).
+PACKED_ROWS = 4
+
+
+def quantize_float(weight: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Asymmetric round-to-nearest int4 of a float [out, in] weight, per group of `group` inputs (Q4_1's scheme):
+    codes [out, in] uint8, scales and offsets [out, in / group] float32."""
+    out_features, in_features = weight.shape
+    w = weight.float().view(out_features, in_features // group, group)
+    low, high = w.amin(-1), w.amax(-1)
+    scales = (high - low) / 15
+    codes = ((w - low.unsqueeze(-1)) / scales.clamp_min(torch.finfo(torch.float32).tiny).unsqueeze(-1)).round()
+    return codes.clamp(0, 15).to(torch.uint8).view(out_features, in_features), scales, low
+
+
+def check_shape(in_features: int, group: int) -> str | None:
+    """Why a linear with in_features inputs cannot hold int4 groups of `group` (None: it can)."""
+    if group not in GROUP_SIZES:
+        return f"group size {group} is not one of {list(GROUP_SIZES)}"
+    if in_features % group:
+        return f"{in_features} input features are not a multiple of the group size {group}"
+    return None
+
+
+def make_int4(module: nn.Module, codes: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor,
+              dtype: torch.dtype) -> None:
+    """Give module (a linear with an [out, in] .weight) its int4 weight, which matmul() then uses, and free the
+    float one."""
+    out_features, in_features = codes.shape
+    group = in_features // scales.shape[1]
+    assert check_shape(in_features, group) is None and scales.shape == offsets.shape == (out_features,
+                                                                                         in_features // group)
+    codes = codes.to(torch.uint8)
+    # torch's kernel takes outputs in multiples of 16 and computes (q - 8) * scale + zero; padded rows are all 0
+    padded = -out_features % 16
+    module.int4_packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(F.pad(codes.int(), (0, 0, 0, padded)), 1)
+    scales_zeros = F.pad(torch.stack((scales, offsets + 8 * scales), -1), (0, 0, 0, 0, 0, padded))
+    module.int4_scales_zeros = scales_zeros.transpose(0, 1).contiguous().to(dtype)
+    module.int4_nibbles = codes[:, 0::2] | (codes[:, 1::2] << 4)  # what the expansion reads: [out, in / 2]
+    module.int4_scales = scales.to(dtype).unsqueeze(-1)
+    module.int4_offsets = offsets.to(dtype).unsqueeze(-1)
+    module.int4_group = group
+    module.weight.data = module.weight.data.new_empty(0)
+
+
+def is_int4(module: nn.Module) -> bool:
+    return getattr(module, "int4_packed", None) is not None
+
+
+def dequantize(module: nn.Module) -> torch.Tensor:
+    """The int4 weight in its scales' dtype, [out, in]: by the C++ expansion where the CPU kernels are built (a
+    table lookup per weight), else by torch (its uint8 element-wise ops run ~20x slower)."""
+    scales = module.int4_scales
+    if scales.dtype not in (torch.float32, torch.bfloat16) or not paged_attention_cpu.available():
+        return dequantize_ref(module)
+    out = _scratch(scales.dtype, scales.shape[0], module.int4_nibbles.shape[1] * 2)
+    torch.ops.nano_pd.int4_expand(module.int4_nibbles, scales, module.int4_offsets, out)
+    return out
+
+
+# One buffer per dtype, as large as the largest weight, reused by every expansion: a fresh one would cost its page
+# faults each time (a 3.5 MB bf16 weight takes longer to fault in than to fill). An expanded weight lives only until
+# its matmul returns, and a process runs one forward at a time.
+_SCRATCH: dict[torch.dtype, torch.Tensor] = {}
+
+
+def _scratch(dtype: torch.dtype, rows: int, cols: int) -> torch.Tensor:
+    buffer = _SCRATCH.get(dtype)
+    if buffer is None or buffer.numel() < rows * cols:
+        buffer = _SCRATCH[dtype] = torch.empty(rows * cols, dtype=dtype)
+    return buffer[:rows * cols].view(rows, cols)
+
+
+def dequantize_ref(module: nn.Module) -> torch.Tensor:
+    nibbles, scales = module.int4_nibbles, module.int4_scales
+    out_features, groups = scales.shape[0], scales.shape[1]
+    codes = torch.stack((nibbles & 0x0F, nibbles >> 4), -1).view(out_features, groups, -1).to(scales.dtype)
+    return torch.addcmul(module.int4_offsets, codes, scales).view(out_features, -1)
+
+
+def matmul_int4(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """x @ w.T for an int4 module."""
+    rows = x.numel() // x.shape[-1]
+    if rows <= PACKED_ROWS:
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.reshape(rows, x.shape[-1]), module.int4_packed,
+                                                       module.int4_group, module.int4_scales_zeros)
+        out_features = module.int4_scales.shape[0]
+        return (y if y.shape[1] == out_features else y[:, :out_features]).reshape(*x.shape[:-1], out_features)
+    return F.linear(x, dequantize(module))
