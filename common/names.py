@@ -33,10 +33,11 @@ def gguf_source(model: str | None) -> str | None:
 
 def resolve_model(model: str | None, dtype: str = "float32") -> str:
     """A model folder for a folder, a .gguf file (converted once, then cached) or the default model's name."""
-    if is_default_model(model) or (os.path.isfile(model) and model.endswith(".gguf")):
+    source = gguf_source(model)
+    if source:
         from common.models import gguf
 
-        return gguf.gguf_to_hf_folder(gguf.default_gguf_path() if is_default_model(model) else model, dtype=dtype)
+        return gguf.gguf_to_hf_folder(source, dtype=dtype)
     if os.path.isdir(model):
         if not os.path.isfile(os.path.join(model, "config.json")):
             raise ModelLoadError(f"{model} has no config.json; expected an HF model folder")

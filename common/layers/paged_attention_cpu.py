@@ -109,7 +109,8 @@ def _load() -> bool:
         isa = _chosen_isa()
         cflags = _BASE_FLAGS + _ISA_FLAGS[isa]
         ldflags = ["-fopenmp"]
-        key = "\n".join([*(src.read_text() for src in _SOURCES), " ".join(cflags), " ".join(ldflags), torch.__version__, platform.machine()])
+        key = "\n".join([*(src.read_text() for src in _SOURCES), " ".join(cflags), " ".join(ldflags),
+                         torch.__version__, platform.machine()])
         name = f"nano_pd_paged_attention_{hashlib.sha256(key.encode()).hexdigest()[:16]}"
         build_dir = cache_dir() / name
         lib = build_dir / f"{name}.so"
@@ -133,8 +134,8 @@ def _load() -> bool:
             if shutil.which(cxx) is None:
                 raise RuntimeError(f"no C++ compiler ({cxx!r} not found)")
             build_dir.mkdir(parents=True, exist_ok=True)
-            cpp_extension.load(name=name, sources=[str(src) for src in _SOURCES], extra_cflags=cflags, extra_ldflags=ldflags,
-                               build_directory=str(build_dir), is_python_module=False, verbose=False)
+            cpp_extension.load(name=name, sources=[str(src) for src in _SOURCES], extra_cflags=cflags,
+                               extra_ldflags=ldflags, build_directory=str(build_dir), is_python_module=False, verbose=False)
             _info["built"] = True
         got = torch.ops.nano_pd.paged_attention_isa()
         if got != isa:
