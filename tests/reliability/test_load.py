@@ -78,9 +78,10 @@ def test_beyond_the_queue_limit_new_requests_get_429_at_once(overloadable, offli
 
 
 def test_full_decode_workers_answer_429_after_the_admit_timeout(overloadable, offline):
-    # fewer requests than the queue limit, 200 tokens each, two at a time: the last ones would wait for several
-    # rounds of two, far beyond the admit timeout
-    outcomes, counts = overload(overloadable, offline, seed=2, max_tokens=200, count=10)
+    # fewer requests than the queue limit, 600 tokens each, two at a time: the last ones would wait for two rounds
+    # of two, far beyond the admit timeout (with 200 tokens a round took under 0.25 s on a fast CI box, and all ten
+    # were admitted in time)
+    outcomes, counts = overload(overloadable, offline, seed=2, max_tokens=600, count=10)
     assert refusals(outcomes, WORKERS_FULL) > 0 and refusals(outcomes, QUEUE_FULL) == 0, counts
     assert counts.get(200, 0) >= 4, counts
     assert_all_up(overloadable)
