@@ -4,10 +4,11 @@ At batch 1 a decode step streams every weight once, and oneDNN reads a weight re
 much faster than F.linear reads the plain one: over SmolLM2's 30 layers of projections on the 2-core CI machine,
 19.5 vs 11.9 GB/s in float32 and 18.2 vs 13.7 GB/s in bfloat16. With more rows it still wins (on a Zen 4 core in
 bfloat16, SmolLM2's projections take 20 % less time at 64 rows, the LM head 30 %; at 512 rows they tie), so the
-runner packs every bf16 linear at load, eager or compiled (fp32 eager keeps F.linear, see model_runner). Inductor's freezing pass would reorder the
-weights itself, but it does not for our dynamic-shape graphs: each weight is reordered once here (its plain copy
-freed, unless another module shares it, as a tied LM head does) and the matmul goes through one opaque op, so
-torch.compile never has to trace the blocked tensor, which it cannot.
+runner packs every bf16 linear at load, eager or compiled (fp32 eager keeps F.linear, see model_runner).
+Inductor's freezing pass would reorder the weights itself, but it does not for our dynamic-shape graphs: each
+weight is reordered once here (its plain copy freed, unless another module shares it, as a tied LM head does)
+and the matmul goes through one opaque op, so torch.compile never has to trace the blocked tensor, which it
+cannot.
 """
 import itertools
 import weakref
