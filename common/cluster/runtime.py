@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import resource
 import signal
 import socket
 import threading
@@ -28,7 +29,23 @@ HEARTBEAT_INTERVAL_S = 0.5
 # 1023 sockets, which forged endpoints would otherwise exhaust
 MAX_PEER_SOCKETS = 256
 EVICTED_PEER_LINGER_MS = 500
+# the context's socket slots: the live peer sockets and the evicted ones still closing, which ZMQ reaps in the
+# background (later still on a busy box): a flood of forged endpoints once filled the default 1023 slots with
+# evicted sockets before any was reaped, and the next socket() ended the worker
+CONTEXT_SOCKETS = 4096
+# a socket with one connection holds two descriptors (its mailbox and the TCP connection); the KV transport's
+# context has its own 1023 slots. ZMQ aborts the process when it cannot get a descriptor for its internals
+OPEN_FILES_WANTED = 2 * (CONTEXT_SOCKETS + 1024) + 1024
 log = logging.getLogger("nano_pd.worker")
+
+
+def raise_open_files_limit(wanted: int = OPEN_FILES_WANTED):
+    """Lift the soft limit on open descriptors towards `wanted` (as far as the hard limit allows): a common default
+    of 1024 is below what the socket bounds above let the peer sockets take."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+    if soft != resource.RLIM_INFINITY and soft < target:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
 
 
 def make_worker_id(args, role: str) -> str:
@@ -96,7 +113,9 @@ class WorkerRuntime:
         self.worker_id = make_worker_id(args, role)
         self.advertise_host = args.advertise_host or args.host
         self.router_endpoint = "tcp://" + args.router
+        raise_open_files_limit()
         self.ctx = zmq.Context()
+        self.ctx.set(zmq.MAX_SOCKETS, CONTEXT_SOCKETS)
         self.inbox = self._socket(zmq.PULL)
         self.inbox_endpoint = f"tcp://{self.advertise_host}:{self.inbox.bind_to_random_port('tcp://' + args.host)}"
         self.events = self._socket(zmq.DEALER)  # Tokens / Rejected up to the router
@@ -246,7 +265,10 @@ class WorkerRuntime:
         if sock is None:
             if not endpoint.startswith("tcp://"):  # peers' inboxes are tcp; inproc:// would reach our own sockets
                 return self._dropped_peer_message(endpoint, msg, "not a tcp endpoint")
-            sock = self._socket(zmq.PUSH)
+            try:
+                sock = self._socket(zmq.PUSH)
+            except zmq.ZMQError as e:  # the context is out of sockets (or the process out of descriptors)
+                return self._dropped_peer_message(endpoint, msg, str(e)[:100])
             try:
                 sock.connect(endpoint)
             except zmq.ZMQError as e:
