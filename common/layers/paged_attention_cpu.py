@@ -11,8 +11,8 @@
 Head h reads kv head h // (H // KVH). Block-table entries past a sequence's blocks are never read (any value).
 
 The kernels are a C++/OpenMP extension (csrc/paged_attention.cpp) built just-in-time on first use with
-torch.utils.cpp_extension and cached on disk under $NANO_PD_CACHE_DIR/torch_extensions (default
-~/.cache/nano_pd/torch_extensions), in a folder named by a hash of the source, the compiler flags and the torch
+torch.utils.cpp_extension and cached on disk under common.cache's root (torch_extensions/ in ~/.cache/nano-pd or
+$NANO_PD_CACHE), in a folder named by a hash of the source, the compiler flags and the torch
 version, so a stale build is never reused. The instruction set comes from /proc/cpuinfo: AVX-512 (avx512f/bw/vl),
 else AVX2+FMA, else a portable path; never -march=native. NANO_PD_PAGED_ATTENTION_ISA=avx2|portable forces a
 lower one, =off disables the kernels. They are registered as torch.library ops (nano_pd::paged_attention_decode,
@@ -34,6 +34,8 @@ import time
 from pathlib import Path
 
 import torch
+
+from common.cache import cache_root
 
 log = logging.getLogger(__name__)
 
@@ -87,9 +89,7 @@ def _chosen_isa() -> str:
 
 
 def cache_dir() -> Path:
-    root = os.environ.get("NANO_PD_CACHE_DIR")
-    base = Path(root) if root else Path.home() / ".cache" / "nano_pd"
-    return base / "torch_extensions"
+    return cache_root() / "torch_extensions"
 
 
 def build_info() -> dict:

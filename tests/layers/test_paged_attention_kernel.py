@@ -276,7 +276,7 @@ def test_unavailable_build_logs_one_line_and_falls_back(tmp_path):
         "assert torch.equal(o, r)\n"
         "print('available', pa.available())\n"
     )
-    env = dict(os.environ, CXX=str(tmp_path / "no-such-compiler"), NANO_PD_CACHE_DIR=str(tmp_path))
+    env = dict(os.environ, CXX=str(tmp_path / "no-such-compiler"), NANO_PD_CACHE=str(tmp_path))
     env.pop("NANO_PD_PAGED_ATTENTION_ISA", None)
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     res = subprocess.run([sys.executable, "-c", code], env=env, cwd=root, capture_output=True, text=True, timeout=120)
