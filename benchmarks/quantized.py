@@ -7,7 +7,9 @@ install_llama_cpp.sh). One table.
 Every configuration runs in its own process (so its resident memory is its own): chat prompts of the decode
 benchmark's random workload (benchmarks/decode.py), greedy, ignore_eos, --max-tokens new tokens; decode tok/s
 counts the tokens after each sequence's first, over the time after every prompt has its first token. llama.cpp
-gets the same token ids, 2 threads, and its time after the first token.
+gets the same token ids, 2 threads, and its time after the first token. Each engine row runs in every decode mode
+of --decode-modes (eager, compiled); a warm-up pass first decodes a few tokens at every batch size, so the
+compiles (or loads from the compile cache on disk) happen there, and its time is the warm-up column.
 
     .venv/bin/python benchmarks/quantized.py --llama-cpp-python /tmp/llama-cpp-peer/venv/bin/python
 """
@@ -54,9 +56,13 @@ def one(a):
     from common.models.gguf import default_gguf_path
     from decode import run, workloads
 
-    llm = LLM(default_gguf_path(), dtype=a.dtype, quantization=a.one, max_num_seqs=max(a.batch_sizes))
-    llm.generate([[1, 2, 3, 4]], SamplingParams(temperature=0, max_tokens=8, ignore_eos=True), use_tqdm=False)
-    result = {"rss_mb": rss_mb(), "decode": {}}
+    quantization, decode_mode = a.one.split(",")
+    llm = LLM(default_gguf_path(), dtype=a.dtype, quantization=quantization, decode_mode=decode_mode,
+              max_num_seqs=max(a.batch_sizes))
+    start = time.perf_counter()
+    for batch in a.batch_sizes:  # every batch size's decode step once, so compiling stays out of the timings
+        run(llm, workloads(batch, seed=batch)["random"], 4)
+    result = {"rss_mb": rss_mb(), "decode": {}, "warmup_s": time.perf_counter() - start}
     for batch in a.batch_sizes:
         result["decode"][batch] = run(llm, workloads(batch, seed=batch)["random"], a.max_tokens)[0]
     prompts = [[(7 * i + 13 * j) % 49000 + 3 for j in range(128)] for i in range(64)]
@@ -80,6 +86,7 @@ def main():
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 4, 8, 64])
     ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--decode-modes", nargs="+", default=["eager", "compile"])
     ap.add_argument("--llama-cpp-python", default="")
     ap.add_argument("--one", default=None, help=argparse.SUPPRESS)
     a = ap.parse_args()
@@ -87,7 +94,8 @@ def main():
         return one(a)
     base = [os.path.abspath(__file__), "--dtype", a.dtype, "--max-tokens", str(a.max_tokens), "--batch-sizes",
             *map(str, a.batch_sizes)]
-    rows = {f"nano-pd {a.dtype}, {q}": child(base + ["--one", q]) for q in ("int4", "none")}
+    rows = {f"nano-pd {a.dtype}, {q}, {mode}": child(base + ["--one", f"{q},{mode}"])
+            for mode in a.decode_modes for q in ("int4", "none")}
     if a.llama_cpp_python:
         from transformers import AutoTokenizer
 
@@ -101,8 +109,8 @@ def main():
         got = child(["-c", LLAMA_CPP, job], python=a.llama_cpp_python)
         rows["llama.cpp (llama-cpp-python 0.3.36), Q4_1"] = got and {"decode": {"1": got["decode"]}}
     heads = [f"decode b={b}" for b in a.batch_sizes]
-    print(f"\n| engine | {' | '.join(heads)} | prefill 64x128 tok/s | RSS MB |")
-    print("|---|" + "---:|" * (len(heads) + 2))
+    print(f"\n| engine | {' | '.join(heads)} | prefill 64x128 tok/s | RSS MB | warm-up s |")
+    print("|---|" + "---:|" * (len(heads) + 3))
     for name, r in rows.items():
         if r is None:
             print(f"| {name} | failed |")
@@ -110,7 +118,8 @@ def main():
         cells = [f"{r['decode'][str(b)]:.1f}" if str(b) in r["decode"] else "-" for b in a.batch_sizes]
         prefill = f"{r['prefill']:.0f}" if "prefill" in r else "-"
         rss = f"{r['rss_mb']:.0f}" if "rss_mb" in r else "-"
-        print(f"| {name} | {' | '.join(cells)} | {prefill} | {rss} |")
+        warmup = f"{r['warmup_s']:.1f}" if "warmup_s" in r else "-"
+        print(f"| {name} | {' | '.join(cells)} | {prefill} | {rss} | {warmup} |")
 
 
 if __name__ == "__main__":

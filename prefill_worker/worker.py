@@ -43,7 +43,9 @@ class Task:
 class PrefillWorker:
     def __init__(self, args):
         setup_logging(PREFILL, args)
-        self.engine = LLMEngine(EngineConfig(**engine_kwargs(args)), hold_finished=True)
+        # every step of a prefill engine is a prefill: compiling decode steps (--decode-mode compile given to a
+        # whole cluster) would only cost its start tens of seconds
+        self.engine = LLMEngine(EngineConfig(**{**engine_kwargs(args), "decode_mode": "eager"}), hold_finished=True)
         self.rt = WorkerRuntime(PREFILL, args, self.engine, commands=Abort | PeerGone, inbox=PrefillTask)
         self.transport = make_transport(args.kv_transport, **self.rt.transport_options())
         self.tasks: dict[str, Task] = {}  # queued or prefilling

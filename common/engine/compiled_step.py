@@ -5,18 +5,23 @@ cost of eager mode is a large part of it. Prefill and mixed batches (and specula
 several tokens per sequence) always run eager.
 
 - "compile" (CPU): one torch.compile'd forward with dynamic batch size and context length. Dynamo specialises
-  batch size 1, so there are exactly two graphs (batch 1, batch >= 2), compiled on first use, never per step;
-  bucketing by batch size would only add compiles (each takes tens of seconds on CPU) and padding. Attention goes
-  through the opaque `nano_pd::paged_decode` op, so the compiled code never copies the KV pool.
+  batch size 1, so there are exactly two graphs (batch 1, batch >= 2), compiled while the engine starts
+  (ModelRunner), never per step; bucketing by batch size would only add compiles (each takes tens of seconds on CPU) and padding. Inductor's cache lives in
+  nano-pd's cache folder, so a restart loads the graphs instead of compiling them. Attention goes through the
+  opaque `nano_pd::paged_decode` op, so the compiled code never copies the KV pool, and the prepacked and int4
+  matmuls through opaque ops of their own (common/layers/packed_linear.py, quantized_linear.py).
 - "cuda_graph" (GPU): one graph per batch-size bucket, captured on first use with static input buffers sized for
   the longest context; a smaller batch is padded to its bucket, the padding rows writing their K/V into the
   runner's scratch block. UNVERIFIED: written for a GPU and not yet run on one (README says so).
 """
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
 
+from common.cache import cache_root
 from common.layers.attention import AttentionMetadata, KernelInputs
 
 MODES = ("auto", "eager", "compile", "cuda_graph")
@@ -41,6 +46,9 @@ class CompiledDecode:
         self.model, self.mode, self.max_batch = model, mode, max_batch
         self.max_blocks, self.block_size, self.scratch_slot = max_blocks, block_size, scratch_slot
         if mode == "compile":
+            # inductor's caches (FX graphs, generated kernels) default to /tmp, which a reboot or a new container
+            # empties; kept with nano-pd's other caches, a restarted worker loads its compiled steps in seconds
+            os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_root() / "inductor"))
             self._compiled = torch.compile(self._forward, dynamic=True)
         elif mode == "cuda_graph":
             if scratch_slot is None:

@@ -1,5 +1,6 @@
 """Owns the model and its paged KV pool; turns a scheduled batch into one forward pass and samples."""
 import logging
+import time
 
 import torch
 import torch.distributed as dist
@@ -16,6 +17,7 @@ from common.layers.packed_linear import can_pack, prepack_linears
 from common.parallel.state import tp_size
 from common.models import model_class
 from common.engine.sequence import Sequence
+from common.sampling_params import SamplingParams
 from common.parallel.ranks import TensorParallelRanks
 from common.parallel.wire import Forward, MoveBlocks, TensorParallelError, forward_command, forward_inputs
 
@@ -62,11 +64,6 @@ class ModelRunner:
             # the compiled steps reach only the paged pool through an opaque op; the state is updated in place
             log.info("decode_mode %s does not cover recurrent-state layers; decoding eagerly", self.decode_mode)
             self.decode_mode = "eager"
-        if config.quantization == "int4" and self.decode_mode != "eager":
-            # the int4 matmul picks its kernel by the number of rows and expands into a shared buffer; neither is
-            # traced yet
-            log.info("decode_mode %s does not cover int4 weights yet; decoding eagerly", self.decode_mode)
-            self.decode_mode = "eager"
         if tp_size() > 1 and self.decode_mode != "eager":
             # the collectives inside the layers would have to be traced (or captured) too; not verified yet
             log.info("decode_mode %s is not used with tensor parallelism; decoding eagerly", self.decode_mode)
@@ -85,6 +82,21 @@ class ModelRunner:
                 self.model, self.decode_mode, max_batch=config.max_num_seqs,
                 max_blocks=-(-config.max_model_len // self.block_size), block_size=self.block_size,
                 scratch_slot=self.kv.num_blocks * self.block_size if scratch else None)
+            if self.decode_mode == "compile" and lead:
+                self._compile_decode_steps(config.max_num_seqs)
+
+    def _compile_decode_steps(self, max_batch: int):
+        """Compile the decode step's graphs now, while the engine starts (a worker before it registers), not in the
+        first requests' steps: batch 1 and a batch of two (dynamo's two graphs). A compile cached on disk loads in
+        seconds. The dummy rows write their KV into block 0, which nothing holds yet."""
+        start = time.perf_counter()
+        batches = [b for b in (1, 2) if b <= max_batch]
+        for batch in batches:
+            seqs = [Sequence([0, 0], SamplingParams(temperature=0.0, max_tokens=1)) for _ in range(batch)]
+            for seq in seqs:
+                seq.block_table, seq.num_computed_tokens = [0], 1
+            self.run([(seq, 1) for seq in seqs])
+        log.info("decode steps compiled for batch sizes %s in %.1f s", batches, time.perf_counter() - start)
 
     def _quantize(self, config: EngineConfig):
         from common.models.quantize import load_gguf_int4, quantize_linears

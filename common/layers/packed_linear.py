@@ -46,12 +46,19 @@ def matmul(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     key = getattr(module, "packed_key", None)
     if key is None:
         return matmul_int4(module, x) if is_int4(module) else F.linear(x, module.weight)
-    return torch.ops.nano_pd.packed_linear(x, key)
+    if torch.compiler.is_compiling():
+        return torch.ops.nano_pd.packed_linear(x, key)
+    # eager calls oneDNN itself: a custom op's dispatch costs ~10 us a call, over a millisecond a decode step
+    return _linear_pointwise(x, module.packed_weight)
 
 
 @torch.library.custom_op("nano_pd::packed_linear", mutates_args=())
 def packed_linear(x: torch.Tensor, key: int) -> torch.Tensor:
-    return torch.ops.mkldnn._linear_pointwise(x, _MODULES[key].packed_weight, None, "none", [], "")
+    return _linear_pointwise(x, _MODULES[key].packed_weight)
+
+
+def _linear_pointwise(x: torch.Tensor, packed_weight: torch.Tensor) -> torch.Tensor:
+    return torch.ops.mkldnn._linear_pointwise(x, packed_weight, None, "none", [], "")
 
 
 @packed_linear.register_fake

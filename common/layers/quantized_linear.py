@@ -11,6 +11,9 @@ dtype for the call and multiplied by oneDNN; the expansion costs about one pass 
 The packed int4 kernel takes bf16 activations at full speed (fp32 ones through a slow path), so `quantization auto`
 keeps int4 only for bf16 engines; its scales and offsets are kept in the activation dtype, as torch requires.
 """
+import itertools
+import weakref
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -18,8 +21,10 @@ from torch import nn
 from common.layers import paged_attention_cpu
 
 GROUP_SIZES = (32, 64, 128, 256)  # those torch's packed int4 kernel takes
-# Rows up to which the packed kernel wins (measured with benchmarks/decode.py --quantization int4 on the CI CPU).
-PACKED_ROWS = 4
+# Rows up to which the packed kernel wins, by the instructions torch's kernels use: on AVX2 (the CI CPU,
+# benchmarks/decode.py --quantization int4) 4; with AVX-512 (Zen 4) it is ahead up to 16 (SmolLM2's four projections
+# at 8 rows: 487 vs 888 us a layer, at 32 rows behind: 1733 vs 1346)
+PACKED_ROWS = 16 if torch.backends.cpu.get_cpu_capability() == "AVX512" else 4
 
 
 def quantize_float(weight: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -53,13 +58,20 @@ def make_int4(module: nn.Module, codes: torch.Tensor, scales: torch.Tensor, offs
     codes = codes.to(torch.uint8)
     # torch's kernel takes outputs in multiples of 16 and computes (q - 8) * scale + zero; padded rows are all 0
     padded = -out_features % 16
-    module.int4_packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(F.pad(codes.int(), (0, 0, 0, padded)), 1)
     scales_zeros = F.pad(torch.stack((scales, offsets + 8 * scales), -1), (0, 0, 0, 0, 0, padded))
-    module.int4_scales_zeros = scales_zeros.transpose(0, 1).contiguous().to(dtype)
-    module.int4_nibbles = codes[:, 0::2] | (codes[:, 1::2] << 4)  # what the expansion reads: [out, in / 2]
-    module.int4_scales = scales.to(dtype).unsqueeze(-1)
-    module.int4_offsets = offsets.to(dtype).unsqueeze(-1)
+    # buffers, not plain attributes: torch.compile treats a module's buffers as fixed-shape, while plain tensor
+    # attributes become inputs with symbolic sizes, and a size equal to a step input's by chance recompiled the step
+    for name, tensor in (
+            ("int4_packed", torch.ops.aten._convert_weight_to_int4pack_for_cpu(F.pad(codes.int(), (0, 0, 0, padded)),
+                                                                               1)),
+            ("int4_scales_zeros", scales_zeros.transpose(0, 1).contiguous().to(dtype)),
+            ("int4_nibbles", codes[:, 0::2] | (codes[:, 1::2] << 4)),  # what the expansion reads: [out, in / 2]
+            ("int4_scales", scales.to(dtype).unsqueeze(-1)),
+            ("int4_offsets", offsets.to(dtype).unsqueeze(-1))):
+        module.register_buffer(name, tensor, persistent=False)
     module.int4_group = group
+    module.int4_key = next(_NEXT_KEY)
+    _MODULES[module.int4_key] = module
     module.weight.data = module.weight.data.new_empty(0)
 
 
@@ -98,8 +110,35 @@ def dequantize_ref(module: nn.Module) -> torch.Tensor:
     return torch.addcmul(module.int4_offsets, codes, scales).view(out_features, -1)
 
 
+# int4 modules by key: a compiled step of several rows calls their matmul through one opaque op (as packed_linear
+# does for oneDNN weights). Traced, the kernel choice by a symbolic number of rows became a guard (a graph for each
+# side) and the expansion into the shared buffer was functionalized into a copy of it per call, which made batch 8
+# slower compiled than eager. One row (the batch-1 graph, where the count is a constant) traces the packed kernel
+# itself, without the op's dispatch
+_MODULES: "weakref.WeakValueDictionary[int, nn.Module]" = weakref.WeakValueDictionary()
+_NEXT_KEY = itertools.count()
+
+
 def matmul_int4(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """x @ w.T for an int4 module."""
+    """x @ w.T for an int4 module (eager calls the kernels directly: the op's dispatch costs microseconds a call)."""
+    if torch.compiler.is_compiling() and x.numel() != x.shape[-1]:
+        return torch.ops.nano_pd.int4_linear(x, module.int4_key)
+    return _matmul_int4(module, x)
+
+
+# defined with torch.library.Library rather than custom_op: its dispatch costs ~3.5 us a call where custom_op's
+# costs ~10, and a compiled step of SmolLM2 makes 120 of these calls
+_LIBRARY = torch.library.Library("nano_pd", "FRAGMENT")
+_LIBRARY.define("int4_linear(Tensor x, int key) -> Tensor")
+_LIBRARY.impl("int4_linear", lambda x, key: _matmul_int4(_MODULES[key], x), "CPU")
+
+
+@torch.library.register_fake("nano_pd::int4_linear")
+def _(x, key):
+    return x.new_empty(*x.shape[:-1], _MODULES[key].int4_scales.shape[0])
+
+
+def _matmul_int4(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     rows = x.numel() // x.shape[-1]
     if rows <= PACKED_ROWS:
         y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.reshape(rows, x.shape[-1]), module.int4_packed,
