@@ -8,8 +8,9 @@ Every configuration runs in its own process (so its resident memory is its own):
 benchmark's random workload (benchmarks/decode.py), greedy, ignore_eos, --max-tokens new tokens; decode tok/s
 counts the tokens after each sequence's first, over the time after every prompt has its first token. llama.cpp
 gets the same token ids, 2 threads, and its time after the first token. Each engine row runs in every decode mode
-of --decode-modes (eager, compiled); a warm-up pass first decodes a few tokens at every batch size, so the
-compiles (or loads from the compile cache on disk) happen there, and its time is the warm-up column.
+of --decode-modes (eager, compiled). The start column is the engine's construction (where a compiled engine
+compiles its decode steps, or loads them from the compile cache on disk) plus a warm-up pass that decodes a few
+tokens at every batch size before anything is timed.
 
     .venv/bin/python benchmarks/quantized.py --llama-cpp-python /tmp/llama-cpp-peer/venv/bin/python
 """
@@ -57,12 +58,12 @@ def one(a):
     from decode import run, workloads
 
     quantization, decode_mode = a.one.split(",")
+    start = time.perf_counter()
     llm = LLM(default_gguf_path(), dtype=a.dtype, quantization=quantization, decode_mode=decode_mode,
               max_num_seqs=max(a.batch_sizes))
-    start = time.perf_counter()
     for batch in a.batch_sizes:  # every batch size's decode step once, so compiling stays out of the timings
         run(llm, workloads(batch, seed=batch)["random"], 4)
-    result = {"rss_mb": rss_mb(), "decode": {}, "warmup_s": time.perf_counter() - start}
+    result = {"rss_mb": rss_mb(), "decode": {}, "start_s": time.perf_counter() - start}
     for batch in a.batch_sizes:
         result["decode"][batch] = run(llm, workloads(batch, seed=batch)["random"], a.max_tokens)[0]
     prompts = [[(7 * i + 13 * j) % 49000 + 3 for j in range(128)] for i in range(64)]
@@ -109,7 +110,7 @@ def main():
         got = child(["-c", LLAMA_CPP, job], python=a.llama_cpp_python)
         rows["llama.cpp (llama-cpp-python 0.3.36), Q4_1"] = got and {"decode": {"1": got["decode"]}}
     heads = [f"decode b={b}" for b in a.batch_sizes]
-    print(f"\n| engine | {' | '.join(heads)} | prefill 64x128 tok/s | RSS MB | warm-up s |")
+    print(f"\n| engine | {' | '.join(heads)} | prefill 64x128 tok/s | RSS MB | start s |")
     print("|---|" + "---:|" * (len(heads) + 3))
     for name, r in rows.items():
         if r is None:
@@ -118,8 +119,8 @@ def main():
         cells = [f"{r['decode'][str(b)]:.1f}" if str(b) in r["decode"] else "-" for b in a.batch_sizes]
         prefill = f"{r['prefill']:.0f}" if "prefill" in r else "-"
         rss = f"{r['rss_mb']:.0f}" if "rss_mb" in r else "-"
-        warmup = f"{r['warmup_s']:.1f}" if "warmup_s" in r else "-"
-        print(f"| {name} | {' | '.join(cells)} | {prefill} | {rss} | {warmup} |")
+        start = f"{r['start_s']:.1f}" if "start_s" in r else "-"
+        print(f"| {name} | {' | '.join(cells)} | {prefill} | {rss} | {start} |")
 
 
 if __name__ == "__main__":
