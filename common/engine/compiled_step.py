@@ -6,10 +6,11 @@ several tokens per sequence) always run eager.
 
 - "compile" (CPU): one torch.compile'd forward with dynamic batch size and context length. Dynamo specialises
   batch size 1, so there are exactly two graphs (batch 1, batch >= 2), compiled while the engine starts
-  (ModelRunner), never per step; bucketing by batch size would only add compiles (each takes tens of seconds on CPU) and padding. Inductor's cache lives in
-  nano-pd's cache folder, so a restart loads the graphs instead of compiling them. Attention goes through the
-  opaque `nano_pd::paged_decode` op, so the compiled code never copies the KV pool, and the prepacked and int4
-  matmuls through opaque ops of their own (common/layers/packed_linear.py, quantized_linear.py).
+  (ModelRunner), never per step; bucketing by batch size would only add compiles (each takes tens of seconds on
+  CPU) and padding. Inductor's cache lives in nano-pd's cache folder, so a restart loads the generated code
+  instead of generating it again. Attention goes through the opaque `nano_pd::paged_decode` op, so the compiled
+  code never copies the KV pool, and the prepacked and int4 matmuls through opaque ops of their own
+  (common/layers/packed_linear.py, quantized_linear.py).
 - "cuda_graph" (GPU): one graph per batch-size bucket, captured on first use with static input buffers sized for
   the longest context; a smaller batch is padded to its bucket, the padding rows writing their K/V into the
   runner's scratch block. UNVERIFIED: written for a GPU and not yet run on one (README says so).
