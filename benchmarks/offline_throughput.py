@@ -40,6 +40,8 @@ sys.path.insert(0, REPO)
 
 import torch  # noqa: E402
 
+from common.cache import cache_root  # noqa: E402
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 WARM_SEED = 12345
 
@@ -250,7 +252,7 @@ def main():
     ap.add_argument("--vllm-python", default="", help="python of a venv with vllm (e.g. /tmp/vllm-peer/venv/bin/python)")
     ap.add_argument("--vllm-mem", type=float, default=0.2, help="vLLM gpu_memory_utilization (= CPU RAM fraction)")
     ap.add_argument("--vllm-timeout", type=int, default=1200)
-    ap.add_argument("--cache-dir", default=os.path.expanduser(os.environ.get("NANO_PD_CACHE", "~/.cache/nano-pd")))
+    ap.add_argument("--cache-dir", default=str(cache_root()))
     a = ap.parse_args()
 
     load0 = os.getloadavg()
