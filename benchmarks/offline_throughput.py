@@ -6,7 +6,9 @@ new tokens each, ignore_eos (no tokenizer in the loop, so no tokenizer differenc
 prompts (seed + rep), so a prefix cache never helps. After a warm-up (8 prompts x 8 tokens) the best of --repeat
 runs is kept.
 
-  nano-pd   common.LLM(folder, dtype, max_num_seqs=N, max_num_batched_tokens=2048).generate(...)
+  nano-pd   common.LLM(folder, dtype, max_num_seqs=N, max_num_batched_tokens=2048, decode_mode=M).generate(...),
+            once per mode M of --decode-modes (eager, compile: compile is auto's choice on CPU); "start s" is
+            the engine's construction, where a compiled engine compiles its decode step or loads it from the cache
   HF        model.generate on the whole batch at once (like /work/shared/peer/bench_peer.py `hf`:
             min_new_tokens = max_new_tokens so nothing stops early), in float32 and in --dtype
   vLLM      only with --vllm-python PATH (a python that has vllm; never imported here). It runs the
@@ -15,7 +17,7 @@ runs is kept.
             "TokenizersBackend"); gpu_memory_utilization (--vllm-mem) is the fraction of CPU RAM vLLM
             reserves, kept small because the machine is shared (vLLM's default 0.92 fails to start).
   floor     one decode step of our engine with N sequences decoding at context ~input_len + 64
-            (llm.engine.step(), and inside it our model's forward + logits), vs one bare forward of HF's
+            (llm.engine.step(), and inside it our model's forward + logits: from the embedding to the LM head), vs one bare forward of HF's
             model: model(input_ids=[N,1], past_key_values=<DynamicCache of the same length>, use_cache=True).
             The HF cache holds random K/V (same cost as a real one) and is cropped back after each call.
 
@@ -73,11 +75,14 @@ def hf_config(folder):
 
 
 # ---------------------------------------------------------------- nano-pd
-def bench_ours(a, folder, vocab):
+def bench_ours(a, folder, vocab, decode_mode):
     from common import SamplingParams
     from common.engine import LLM
 
-    llm = LLM(folder, dtype=a.dtype, max_num_seqs=a.n, max_num_batched_tokens=a.max_num_batched_tokens)
+    start = time.perf_counter()
+    llm = LLM(folder, dtype=a.dtype, max_num_seqs=a.n, max_num_batched_tokens=a.max_num_batched_tokens,
+              decode_mode=decode_mode)
+    start = time.perf_counter() - start
     llm.generate(make_prompts(min(a.n, 8), a.input_len, vocab, WARM_SEED),
                  SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True), use_tqdm=False)
     sp = SamplingParams(temperature=0.0, max_tokens=a.output_len, ignore_eos=True)
@@ -92,7 +97,7 @@ def bench_ours(a, folder, vocab):
     floor = floor_ours(a, llm, vocab)
     del llm
     gc.collect()
-    return {"wall": best[0], "out": best[1]}, floor
+    return {"wall": best[0], "out": best[1], "start": start}, floor
 
 
 def floor_ours(a, llm, vocab):
@@ -107,7 +112,8 @@ def floor_ours(a, llm, vocab):
     while eng.scheduler.waiting or min(s.num_output_tokens for s in eng.scheduler.running) < a.floor_ctx:
         eng.step()
     marks = []
-    hook = model.register_forward_pre_hook(lambda *_: marks.append(time.perf_counter()))
+    # the embedding starts every forward, eager or compiled (a compiled step calls the layers, not model.forward)
+    hook = model.model.embed_tokens.register_forward_pre_hook(lambda *_: marks.append(time.perf_counter()))
     orig = model.compute_logits
 
     def timed_logits(h):
@@ -245,6 +251,7 @@ def main():
     ap.add_argument("--repeat", type=int, default=2, help="timed runs of nano-pd and vLLM (best kept)")
     ap.add_argument("--hf-repeat", type=int, default=1, help="timed runs of HF generate (best kept)")
     ap.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    ap.add_argument("--decode-modes", nargs="+", default=["eager", "compile"], choices=["eager", "compile"])
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--floor-ctx", type=int, default=64, help="output tokens already decoded when the floor is timed")
     ap.add_argument("--floor-iters", type=int, default=8)
@@ -268,8 +275,10 @@ def main():
         if a.vllm_python:
             print(f"[{name}] vLLM ...", flush=True)
             rows[f"vLLM-CPU {a.dtype}"] = bench_vllm(a, folder, vocab, workdir)
-        print(f"[{name}] nano-pd ...", flush=True)
-        rows[f"nano-pd {a.dtype}"], floor = bench_ours(a, folder, vocab)
+        floor = {}
+        for mode in a.decode_modes:
+            print(f"[{name}] nano-pd {mode} ...", flush=True)
+            rows[f"nano-pd {a.dtype} {mode}"], floor[mode] = bench_ours(a, folder, vocab, mode)
         hf_fwd = {}
         if not a.no_hf:
             for dt in dict.fromkeys(["float32", a.dtype]):
@@ -281,33 +290,37 @@ def main():
     in_tok = a.n * a.input_len
     print(f"\n== offline throughput: {a.n} prompts x {a.input_len} in x {a.output_len} out, greedy, ignore_eos "
           f"(best of {a.repeat} nano-pd/vLLM, {a.hf_repeat} HF) ==")
-    hdr = f"{'model':<11} {'engine':<22} {'wall s':>8} {'out tok/s':>10} {'total tok/s':>12} {'x HF fp32':>10} {'x vLLM':>7}"
+    hdr = (f"{'model':<11} {'engine':<26} {'wall s':>8} {'out tok/s':>10} {'total tok/s':>12} {'x HF fp32':>10} "
+           f"{'x vLLM':>7} {'start s':>8}")
     print(hdr + "\n" + "-" * len(hdr))
     for name, rows in tables:
         hf32 = rows.get("HF generate float32")
         vl = rows.get(f"vLLM-CPU {a.dtype}")
         for engine, r in rows.items():
             if r is None:
-                print(f"{name:<11} {engine:<22} {'failed (see above)':>30}")
+                print(f"{name:<11} {engine:<26} {'failed (see above)':>30}")
                 continue
             x_hf = f"{hf32['wall'] / r['wall']:.2f}" if hf32 else "-"
             x_vl = f"{vl['wall'] / r['wall']:.2f}" if vl else "-"
-            print(f"{name:<11} {engine:<22} {r['wall']:8.2f} {r['out'] / r['wall']:10.1f} "
-                  f"{(r['out'] + in_tok) / r['wall']:12.1f} {x_hf:>10} {x_vl:>7}")
+            start = r.get("start", r.get("init"))
+            print(f"{name:<11} {engine:<26} {r['wall']:8.2f} {r['out'] / r['wall']:10.1f} "
+                  f"{(r['out'] + in_tok) / r['wall']:12.1f} {x_hf:>10} {x_vl:>7} "
+                  f"{'-' if start is None else f'{start:.1f}':>8}")
     for name, rows in tables:
         vl = rows.get(f"vLLM-CPU {a.dtype}")
         if vl:
-            print(f"  ({name}: vLLM engine init {vl['init']:.0f}s, prompt tokens from its prefix cache: {vl['cached']})")
+            print(f"  ({name}: vLLM's prompt tokens from its prefix cache: {vl['cached']})")
 
     print(f"\n== decode floor: one step with {a.n} sequences decoding (median of {a.floor_iters}) ==")
-    hdr = (f"{'model':<11} {'ctx':>4} {'nano-pd step ms':>16} {'nano-pd fwd ms':>15} {'HF fwd ' + a.dtype + ' ms':>18} "
-           f"{'HF fwd fp32 ms':>15} {'step/HF fwd':>12}")
+    hdr = (f"{'model':<11} {'mode':<8} {'ctx':>4} {'nano-pd step ms':>16} {'nano-pd fwd ms':>15} "
+           f"{'HF fwd ' + a.dtype + ' ms':>18} {'HF fwd fp32 ms':>15} {'step/HF fwd':>12}")
     print(hdr + "\n" + "-" * len(hdr))
-    for name, fl, hf in floors:
+    for name, by_mode, hf in floors:
         same = hf.get(a.dtype)
-        print(f"{name:<11} {fl['ctx']:>4} {fl['step'] * 1e3:16.1f} {fl['fwd'] * 1e3:15.1f} "
-              f"{(same or 0) * 1e3:18.1f} {hf.get('float32', 0) * 1e3:15.1f} "
-              f"{(fl['step'] / same if same else float('nan')):12.2f}")
+        for mode, fl in by_mode.items():
+            print(f"{name:<11} {mode:<8} {fl['ctx']:>4} {fl['step'] * 1e3:16.1f} {fl['fwd'] * 1e3:15.1f} "
+                  f"{(same or 0) * 1e3:18.1f} {hf.get('float32', 0) * 1e3:15.1f} "
+                  f"{(fl['step'] / same if same else float('nan')):12.2f}")
     print("  (nano-pd fwd = our model's forward + logits inside the step; HF fwd = model(input_ids=[N,1], "
           "past_key_values=DynamicCache, use_cache=True), KV length = ctx - 1)")
     load1 = os.getloadavg()

@@ -40,7 +40,8 @@ class EngineArgs:
         None, 'JSON, e.g. \'{"method": "ngram", "num_speculative_tokens": 3}\' (decode workers)', type=json.loads)
     device: str = option("cpu", '"cpu", or "cuda" / "cuda:N" on a GPU machine')
     # EngineConfig also takes "cuda_graph" (on a CUDA device); the flag offers the CPU's modes
-    decode_mode: str = option("auto", "decode-only steps: torch.compile'd or eager (auto: eager on CPU)",
+    decode_mode: str = option("auto", "decode-only steps: torch.compile'd or eager (auto: compiled on CPU, "
+                              "unless $NANO_PD_DECODE_MODE says eager, or the compile fails)",
                               choices=("auto", "eager", "compile"))
     tensor_parallel_size: int = option(
         1, "processes sharing the model's weights and KV heads (torch.distributed: gloo / NCCL)")

@@ -2,6 +2,8 @@
 
 * dtype=auto means float32 in every engine and worker the suite starts: the oracle (HF transformers) runs in
   float32, and on a CPU with native bf16 auto would pick bfloat16. Tests of bf16 name it.
+* decode_mode=auto means eager: on a CPU auto compiles the decode step while each engine starts (seconds per
+  engine, and the suite builds hundreds); the tests of compiled decoding name it.
 * torch threads: capped so HF and the engine don't oversubscribe small CI boxes
   (override with NANO_PD_TEST_THREADS).
 * session fixtures: tiny model folders (built once per session under
@@ -21,6 +23,7 @@ import torch
 _threads = int(os.environ.get("NANO_PD_TEST_THREADS", "0")) or max(1, min(os.cpu_count() or 1, 8))
 torch.set_num_threads(_threads)
 os.environ.setdefault("NANO_PD_DTYPE", "float32")
+os.environ.setdefault("NANO_PD_DECODE_MODE", "eager")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")

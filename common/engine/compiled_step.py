@@ -4,13 +4,17 @@ A decode step runs the same few hundred small kernels every time, so at small ba
 cost of eager mode is a large part of it. Prefill and mixed batches (and speculative verification, which queries
 several tokens per sequence) always run eager.
 
-- "compile" (CPU): one torch.compile'd forward with dynamic batch size and context length. Dynamo specialises
-  batch size 1, so there are exactly two graphs (batch 1, batch >= 2), compiled while the engine starts
-  (ModelRunner), never per step; bucketing by batch size would only add compiles (each takes tens of seconds on
-  CPU) and padding. Inductor's cache lives in nano-pd's cache folder, so a restart loads the generated code
-  instead of generating it again. Attention goes through the opaque `nano_pd::paged_decode` op, so the compiled
-  code never copies the KV pool, and the prepacked and int4 matmuls through opaque ops of their own
-  (common/layers/packed_linear.py, quantized_linear.py).
+- "compile" (CPU, the default there): one decoder layer torch.compile'd with dynamic batch size and context
+  length, called by every layer (regional compilation: the layers' weights are inputs of the graph, so a model
+  of 30 identical layers traces and compiles one; the embedding and the final norm stay eager). Dynamo
+  specialises batch size 1, so there are two graphs per kind of layer (batch 1, batch >= 2), compiled while the
+  engine starts (ModelRunner), never per step; bucketing by batch size would only add compiles and padding.
+  Inductor's cache lives in nano-pd's cache folder, so a restart loads the generated code instead of generating
+  it again. On SmolLM2 (Zen 4) compiling the whole model took 79 s with an empty cache and 11-14 s with a warm
+  one (dynamo traces every layer on every start, whatever the cache holds); one layer takes 22 s and 3 s, for
+  the same forward time.
+  Attention goes through the opaque `nano_pd::paged_decode` op, so the compiled code never copies the KV pool,
+  and the prepacked and int4 matmuls through opaque ops of their own (common/layers/opaque_ops.py).
 - "cuda_graph" (GPU): one graph per batch-size bucket, captured on first use with static input buffers sized for
   the longest context; a smaller batch is padded to its bucket, the padding rows writing their K/V into the
   runner's scratch block. UNVERIFIED: written for a GPU and not yet run on one (README says so).
@@ -28,9 +32,14 @@ from common.layers.attention import AttentionMetadata, KernelInputs
 MODES = ("auto", "eager", "compile", "cuda_graph")
 
 
+# What decode_mode=auto means on a CPU can be pinned for a whole deployment or a test suite (whose engines would
+# otherwise each compile at construction)
+AUTO_MODE_ENV = "NANO_PD_DECODE_MODE"
+
+
 def resolve_mode(mode: str, device: torch.device) -> str:
     if mode == "auto":
-        return "cuda_graph" if device.type == "cuda" else "eager"
+        return "cuda_graph" if device.type == "cuda" else os.environ.get(AUTO_MODE_ENV) or "compile"
     return mode
 
 
@@ -38,6 +47,13 @@ def batch_buckets(max_batch: int) -> list[int]:
     """1, 2, 4, 8, then multiples of 16 up to max_batch (as vLLM captures)."""
     sizes = [b for b in (1, 2, 4, 8) if b < max_batch] + list(range(16, max_batch, 16))
     return sizes + [max_batch]
+
+
+def _decode_layer(layer, positions, x, slot_mapping, block_tables, mask, kernel_tables, context_lens):
+    kernel = None if context_lens is None else KernelInputs(kernel_tables, context_lens, None, None, None)
+    meta = AttentionMetadata(slot_mapping=slot_mapping, num_decode=x.shape[0],
+                             decode_block_tables=block_tables, decode_mask=mask, opaque=True, kernel=kernel)
+    return layer(positions, x, meta)
 
 
 class CompiledDecode:
@@ -50,7 +66,7 @@ class CompiledDecode:
             # inductor's caches (FX graphs, generated kernels) default to /tmp, which a reboot or a new container
             # empties; kept with nano-pd's other caches, a restarted worker loads its compiled steps in seconds
             os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_root() / "inductor"))
-            self._compiled = torch.compile(self._forward, dynamic=True)
+            self._layer_step = torch.compile(_decode_layer, dynamic=True)
         elif mode == "cuda_graph":
             if scratch_slot is None:
                 raise ValueError("CUDA-graph decode needs a scratch slot for padding rows")
@@ -60,11 +76,12 @@ class CompiledDecode:
         else:
             raise ValueError(f"unknown compiled decode mode {mode!r}")
 
-    def _forward(self, input_ids, positions, slot_mapping, block_tables, mask, kernel_tables, context_lens):
-        kernel = None if context_lens is None else KernelInputs(kernel_tables, context_lens, None, None, None)
-        meta = AttentionMetadata(slot_mapping=slot_mapping, num_decode=input_ids.shape[0],
-                                 decode_block_tables=block_tables, decode_mask=mask, opaque=True, kernel=kernel)
-        return self.model(input_ids, positions, meta)
+    def _forward(self, input_ids, positions, *attention):
+        body = self.model.model  # every model here is a LlamaModel: embedding, decoder layers, final norm
+        x = body.embed_tokens(input_ids)
+        for layer in body.layers:
+            x = self._layer_step(layer, positions, x, *attention)
+        return body.norm(x)
 
     def supports(self, meta: AttentionMetadata) -> bool:
         return not meta.prefills and 0 < meta.num_decode <= self.max_batch
@@ -77,7 +94,7 @@ class CompiledDecode:
                 tables = F.pad(tables, (0, 1))
                 mask = F.pad(mask, (0, self.block_size))
                 kernel_tables = None if kernel_tables is None else F.pad(kernel_tables, (0, 1))
-            return self._compiled(input_ids, positions, meta.slot_mapping, tables, mask, kernel_tables, lens)
+            return self._forward(input_ids, positions, meta.slot_mapping, tables, mask, kernel_tables, lens)
         return self._replay(input_ids, positions, meta)
 
     # --- CUDA graphs --------------------------------------------------------------------------------------------

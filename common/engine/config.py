@@ -57,7 +57,7 @@ class EngineConfig(EngineArgs):
         check(isinstance(self.max_num_seqs, int) and self.max_num_seqs >= 1, "max_num_seqs must be >= 1")
         check(isinstance(self.max_num_batched_tokens, int) and self.max_num_batched_tokens >= 1,
               "max_num_batched_tokens must be >= 1")
-        from common.engine.compiled_step import MODES
+        from common.engine.compiled_step import AUTO_MODE_ENV, MODES
         try:
             device = torch.device(self.device)
         except (RuntimeError, TypeError) as e:
@@ -66,6 +66,8 @@ class EngineConfig(EngineArgs):
               f"device {self.device!r} is not available here (cpu{', cuda' if torch.cuda.is_available() else ''})")
         check(self.decode_mode != "cuda_graph" or device.type == "cuda", "decode_mode cuda_graph needs a CUDA device")
         check(self.decode_mode in MODES, f"decode_mode must be one of {list(MODES)}")
+        check(os.environ.get(AUTO_MODE_ENV) in (None, "", "eager", "compile"),
+              f"${AUTO_MODE_ENV} must be eager or compile")
         check(self.num_kv_blocks is None or (isinstance(self.num_kv_blocks, int) and self.num_kv_blocks >= 1),
               "num_kv_blocks must be a positive integer")
         check(self.quantization in ("auto", "none", "int4"), "quantization must be auto, none or int4")

@@ -1,5 +1,6 @@
 """Owns the model and its paged KV pool; turns a scheduled batch into one forward pass and samples."""
 import logging
+import os
 import time
 
 import torch
@@ -83,7 +84,13 @@ class ModelRunner:
                 max_blocks=-(-config.max_model_len // self.block_size), block_size=self.block_size,
                 scratch_slot=self.kv.num_blocks * self.block_size if scratch else None)
             if self.decode_mode == "compile" and lead:
-                self._compile_decode_steps(config.max_num_seqs)
+                try:
+                    self._compile_decode_steps(config.max_num_seqs)
+                except Exception as e:  # noqa: BLE001 - inductor's failures have no common type (no compiler, ...)
+                    if config.decode_mode != "auto":
+                        raise
+                    log.warning("compiling the decode step failed, decoding eagerly: %s", e)
+                    self.decode_step, self.decode_mode = None, "eager"
 
     def _compile_decode_steps(self, max_batch: int):
         """Compile the decode step's graphs now, while the engine starts (a worker before it registers), not in the
@@ -91,6 +98,8 @@ class ModelRunner:
         seconds. The dummy rows write their KV into block 0, which nothing holds yet."""
         start = time.perf_counter()
         batches = [b for b in (1, 2) if b <= max_batch]
+        log.info("compiling the decode steps for batch sizes %s (cache %s: seconds when warm, tens of seconds "
+                 "when empty)", batches, os.environ.get("TORCHINDUCTOR_CACHE_DIR"))
         for batch in batches:
             seqs = [Sequence([0, 0], SamplingParams(temperature=0.0, max_tokens=1)) for _ in range(batch)]
             for seq in seqs:

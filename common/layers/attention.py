@@ -13,14 +13,13 @@ A decode-only batch run by a compiled step (`common/engine/compiled_step.py`) re
 op per layer: the compiler then neither traces the scattered cache writes (a traced in-place write into a view of
 the pool makes it copy the pool) nor specialises on the context length.
 """
-import itertools
-import weakref
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from common.layers import opaque_ops
 from common.layers.paged_attention_cpu import paged_attention_decode, paged_attention_prefill, use_kernel
 
 
@@ -53,10 +52,6 @@ class AttentionMetadata:
     kernel: KernelInputs | None = None  # set where the paged-attention kernels may run (CPU, kernel built)
 
 
-# layer id -> layer, so the custom op can find a layer's cache without the compiler seeing the cache tensors
-_LAYERS: "weakref.WeakValueDictionary[int, PagedAttention]" = weakref.WeakValueDictionary()
-_NEXT_ID = itertools.count()
-
 
 class PagedAttention(nn.Module):
     def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float):
@@ -64,15 +59,14 @@ class PagedAttention(nn.Module):
         self.num_heads, self.num_kv_heads, self.head_dim, self.scale = num_heads, num_kv_heads, head_dim, scale
         # [num_blocks, block_size, num_kv_heads, head_dim] views into the engine's one pool, set by the runner
         self.k_cache = self.v_cache = torch.empty(0)
-        self.layer_id = next(_NEXT_ID)
-        _LAYERS[self.layer_id] = self
+        opaque_ops.register(self, "layer_key")  # the compiled step's op finds the layer's cache by it
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         """q: [tokens, heads, head_dim]; k, v: [tokens, kv_heads, head_dim] -> [tokens, heads * head_dim]."""
         kin = meta.kernel
         tables, lens = (kin.decode_block_tables, kin.decode_context_lens) if kin is not None else (None, None)
         if meta.opaque:
-            return torch.ops.nano_pd.paged_decode(q, k, v, self.layer_id, meta.slot_mapping,
+            return torch.ops.nano_pd.paged_decode(q, k, v, self.layer_key, meta.slot_mapping,
                                                   meta.decode_block_tables, meta.decode_mask, tables, lens)
         self.write(k, v, meta.slot_mapping)
         out = torch.empty_like(q)
@@ -125,17 +119,12 @@ class PagedAttention(nn.Module):
         return o.reshape(n, self.num_heads * self.head_dim)
 
 
-@torch.library.custom_op("nano_pd::paged_decode", mutates_args=())
-def paged_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer_id: int, slot_mapping: torch.Tensor,
-                 block_tables: torch.Tensor, mask: torch.Tensor, kernel_tables: torch.Tensor | None,
-                 context_lens: torch.Tensor | None) -> torch.Tensor:
-    # declared pure on purpose: the cache it writes is reached through the layer id, and the op's output feeds the
-    # next layer, so the compiler can neither drop nor reorder it
-    layer = _LAYERS[layer_id]
-    layer.write(k, v, slot_mapping)
+def _paged_decode(q, k, v, layer_key, slot_mapping, block_tables, mask, kernel_tables, context_lens):
+    layer = opaque_ops.lookup(layer_key)
+    layer.write(k, v, slot_mapping)  # the cache, reached through the key, is not an input the compiler sees
     return layer.decode(q, block_tables, mask, kernel_tables, context_lens)
 
 
-@paged_decode.register_fake
-def _(q, k, v, layer_id, slot_mapping, block_tables, mask, kernel_tables, context_lens):
-    return q.new_empty(q.shape[0], q.shape[1] * q.shape[2])
+opaque_ops.define("paged_decode(Tensor q, Tensor k, Tensor v, Tensor layer_key, Tensor slot_mapping, "
+                  "Tensor block_tables, Tensor mask, Tensor? kernel_tables, Tensor? context_lens) -> Tensor",
+                  _paged_decode, lambda q, *_: q.new_empty(q.shape[0], q.shape[1] * q.shape[2]))

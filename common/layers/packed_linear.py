@@ -10,17 +10,12 @@ weight is reordered once here (its plain copy freed, unless another module share
 and the matmul goes through one opaque op, so torch.compile never has to trace the blocked tensor, which it
 cannot.
 """
-import itertools
-import weakref
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from common.layers import opaque_ops
 from common.layers.quantized_linear import is_int4, matmul_int4
-
-_MODULES: "weakref.WeakValueDictionary[int, nn.Module]" = weakref.WeakValueDictionary()
-_NEXT_KEY = itertools.count()
 
 
 def can_pack(dtype: torch.dtype, device: torch.device) -> bool:
@@ -35,8 +30,7 @@ def pack(module: nn.Module, free_plain: bool) -> None:
     weight = module.weight
     module.packed_weight = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), 1)  # tuned for batch-1 GEMV
     module.packed_out_features = weight.shape[0]
-    module.packed_key = next(_NEXT_KEY)
-    _MODULES[module.packed_key] = module
+    opaque_ops.register(module, "packed_key")
     if free_plain:
         weight.data = weight.data.new_empty(0)
 
@@ -47,23 +41,18 @@ def matmul(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     if key is None:
         return matmul_int4(module, x) if is_int4(module) else F.linear(x, module.weight)
     if torch.compiler.is_compiling():
-        return torch.ops.nano_pd.packed_linear(x, key)
-    # eager calls oneDNN itself: a custom op's dispatch costs ~10 us a call, over a millisecond a decode step
+        return torch.ops.nano_pd.packed_linear(x, key, module.packed_out_features)
+    # eager calls oneDNN itself: even the op's dispatch costs microseconds a call, over 120 calls a decode step
     return _linear_pointwise(x, module.packed_weight)
-
-
-@torch.library.custom_op("nano_pd::packed_linear", mutates_args=())
-def packed_linear(x: torch.Tensor, key: int) -> torch.Tensor:
-    return _linear_pointwise(x, _MODULES[key].packed_weight)
 
 
 def _linear_pointwise(x: torch.Tensor, packed_weight: torch.Tensor) -> torch.Tensor:
     return torch.ops.mkldnn._linear_pointwise(x, packed_weight, None, "none", [], "")
 
 
-@packed_linear.register_fake
-def _(x, key):
-    return x.new_empty(*x.shape[:-1], _MODULES[key].packed_out_features)
+opaque_ops.define("packed_linear(Tensor x, Tensor key, int out_features) -> Tensor",
+                  lambda x, key, out_features: _linear_pointwise(x, opaque_ops.lookup(key).packed_weight),
+                  lambda x, key, out_features: x.new_empty(*x.shape[:-1], out_features))
 
 
 def prepack_linears(model) -> int:

@@ -11,14 +11,11 @@ dtype for the call and multiplied by oneDNN; the expansion costs about one pass 
 The packed int4 kernel takes bf16 activations at full speed (fp32 ones through a slow path), so `quantization auto`
 keeps int4 only for bf16 engines; its scales and offsets are kept in the activation dtype, as torch requires.
 """
-import itertools
-import weakref
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from common.layers import paged_attention_cpu
+from common.layers import opaque_ops, paged_attention_cpu
 
 GROUP_SIZES = (32, 64, 128, 256)  # those torch's packed int4 kernel takes
 # Rows up to which the packed kernel wins, by the instructions torch's kernels use: on AVX2 (the CI CPU,
@@ -70,8 +67,7 @@ def make_int4(module: nn.Module, codes: torch.Tensor, scales: torch.Tensor, offs
             ("int4_offsets", offsets.to(dtype).unsqueeze(-1))):
         module.register_buffer(name, tensor, persistent=False)
     module.int4_group = group
-    module.int4_key = next(_NEXT_KEY)
-    _MODULES[module.int4_key] = module
+    opaque_ops.register(module, "int4_key")
     module.weight.data = module.weight.data.new_empty(0)
 
 
@@ -110,32 +106,23 @@ def dequantize_ref(module: nn.Module) -> torch.Tensor:
     return torch.addcmul(module.int4_offsets, codes, scales).view(out_features, -1)
 
 
-# int4 modules by key: a compiled step of several rows calls their matmul through one opaque op (as packed_linear
-# does for oneDNN weights). Traced, the kernel choice by a symbolic number of rows became a guard (a graph for each
-# side) and the expansion into the shared buffer was functionalized into a copy of it per call, which made batch 8
-# slower compiled than eager. One row (the batch-1 graph, where the count is a constant) traces the packed kernel
-# itself, without the op's dispatch
-_MODULES: "weakref.WeakValueDictionary[int, nn.Module]" = weakref.WeakValueDictionary()
-_NEXT_KEY = itertools.count()
+# A compiled step of several rows calls the int4 matmul through one opaque op (as packed_linear does for oneDNN
+# weights). Traced, the kernel choice by a symbolic number of rows became a guard (a graph for each side) and the
+# expansion into the shared buffer was functionalized into a copy of it per call, which made batch 8 slower
+# compiled than eager. One row (the batch-1 graph, where the count is a constant) traces the packed kernel itself,
+# without the op's dispatch
 
 
 def matmul_int4(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """x @ w.T for an int4 module (eager calls the kernels directly: the op's dispatch costs microseconds a call)."""
     if torch.compiler.is_compiling() and x.numel() != x.shape[-1]:
-        return torch.ops.nano_pd.int4_linear(x, module.int4_key)
+        return torch.ops.nano_pd.int4_linear(x, module.int4_key, module.int4_scales.shape[0])
     return _matmul_int4(module, x)
 
 
-# defined with torch.library.Library rather than custom_op: its dispatch costs ~3.5 us a call where custom_op's
-# costs ~10, and a compiled step of SmolLM2 makes 120 of these calls
-_LIBRARY = torch.library.Library("nano_pd", "FRAGMENT")
-_LIBRARY.define("int4_linear(Tensor x, int key) -> Tensor")
-_LIBRARY.impl("int4_linear", lambda x, key: _matmul_int4(_MODULES[key], x), "CPU")
-
-
-@torch.library.register_fake("nano_pd::int4_linear")
-def _(x, key):
-    return x.new_empty(*x.shape[:-1], _MODULES[key].int4_scales.shape[0])
+opaque_ops.define("int4_linear(Tensor x, Tensor key, int out_features) -> Tensor",
+                  lambda x, key, out_features: _matmul_int4(opaque_ops.lookup(key), x),
+                  lambda x, key, out_features: x.new_empty(*x.shape[:-1], out_features))
 
 
 def _matmul_int4(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -146,3 +133,4 @@ def _matmul_int4(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
         out_features = module.int4_scales.shape[0]
         return (y if y.shape[1] == out_features else y[:, :out_features]).reshape(*x.shape[:-1], out_features)
     return F.linear(x, dequantize(module))
+
