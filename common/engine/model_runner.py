@@ -15,6 +15,7 @@ from common.layers.attention import AttentionMetadata, KernelInputs, PrefillChun
 from common.engine.sampler import sample
 from common.models.loader import load_weights
 from common.layers.packed_linear import can_pack, prepack_linears
+from common.layers.quantized_linear import INT8_ROWS
 from common.parallel.state import tp_size
 from common.models import model_class
 from common.engine.sequence import Sequence
@@ -108,10 +109,13 @@ class ModelRunner:
         log.info("decode steps compiled for batch sizes %s in %.1f s", batches, time.perf_counter() - start)
 
     def _quantize(self, config: EngineConfig):
-        from common.models.quantize import load_gguf_int4, quantize_linears
+        from common.models.quantize import load_gguf_quantized, quantize_linears
 
         if config.gguf_file:
-            count, source = load_gguf_int4(self.model, config.gguf_file, config.torch_dtype), "the GGUF's blocks"
+            count, int8_head = load_gguf_quantized(self.model, config.gguf_file, config.torch_dtype)
+            source = "the GGUF's blocks"
+            if int8_head:
+                log.info("LM head: the GGUF's Q8_0 blocks for calls of up to %d rows", INT8_ROWS)
         else:
             count = quantize_linears(self.model, config.quantization_group_size, config.torch_dtype)
             source = f"quantized at load, groups of {config.quantization_group_size}"

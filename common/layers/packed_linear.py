@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from common.layers import opaque_ops
-from common.layers.quantized_linear import is_int4, matmul_int4
+from common.layers.quantized_linear import is_int4, matmul_int4, matmul_int8, uses_int8
 
 
 def can_pack(dtype: torch.dtype, device: torch.device) -> bool:
@@ -36,7 +36,9 @@ def pack(module: nn.Module, free_plain: bool) -> None:
 
 
 def matmul(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """x @ module.weight.T, through the prepacked or the int4 weight once there is one."""
+    """x @ module.weight.T, through the int8, prepacked or int4 weight once there is one."""
+    if uses_int8(module, x):
+        return matmul_int8(module, x)
     key = getattr(module, "packed_key", None)
     if key is None:
         return matmul_int4(module, x) if is_int4(module) else F.linear(x, module.weight)

@@ -39,8 +39,9 @@ from common.cache import cache_root
 
 log = logging.getLogger(__name__)
 
-# one library: the attention kernels, and the int4 weight expansion of quantized_linear.py
-_SOURCES = [Path(__file__).resolve().parent / "csrc" / name for name in ("paged_attention.cpp", "int4_expand.cpp")]
+# one library: the attention kernels, and quantized_linear.py's int4 weight expansion and int8 matmul
+_SOURCES = [Path(__file__).resolve().parent / "csrc" / name
+            for name in ("paged_attention.cpp", "int4_expand.cpp", "int8_linear.cpp")]
 _ISA_ENV = "NANO_PD_PAGED_ATTENTION_ISA"
 _ISAS = ("portable", "avx2", "avx512")
 _ISA_FLAGS = {

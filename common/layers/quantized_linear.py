@@ -1,4 +1,4 @@
-"""Weight-only int4 linears on CPU: 4-bit codes q in groups of g input features, each group with a scale and an
+"""Weight-only int4 linears on CPU, and the int8 (Q8_0) LM head at the end of this file: 4-bit codes q in groups of g input features, each group with a scale and an
 offset, w = q * scale + offset (GGUF's Q4_1 as it is, Q4_0 with offset -8 * scale, or a float checkpoint
 quantized at load).
 
@@ -134,3 +134,35 @@ def _matmul_int4(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
         return (y if y.shape[1] == out_features else y[:, :out_features]).reshape(*x.shape[:-1], out_features)
     return F.linear(x, dequantize(module))
 
+
+# Int8 weights in groups of 32 (a GGUF's Q8_0 blocks, w = q * scale), for the LM head, which is outside the
+# compiled step: the C++ kernel (csrc/int8_linear.cpp) reads one byte a weight, where the bf16 LM head reads two,
+# and at a few rows the read is the cost. With more rows the arithmetic is, and oneDNN's bf16 GEMM on the float
+# weight (kept: a tied LM head shares it with the embedding anyway) is faster. Only AVX-512 builds have a fast
+# kernel.
+INT8_GROUP = 32
+# SmolLM2's LM head on Zen 4 (one run), int8 vs oneDNN's prepacked bf16: 1.05 vs 1.87 ms at 1 row, 1.24 / 1.93 at 2,
+# 1.81 / 2.14 at 4, 3.64 / 1.86 at 6
+INT8_ROWS = 4
+
+
+def int8_kernel_available() -> bool:
+    return paged_attention_cpu.available() and paged_attention_cpu.build_info().get("isa") == "avx512"
+
+
+def make_int8(module: nn.Module, codes: torch.Tensor, scales: torch.Tensor) -> None:
+    """Give module (with an [out, in] .weight) int8 codes [out, in] and float32 scales [out, in / 32], which
+    matmul() uses for calls of up to INT8_ROWS rows; its float weight stays for the others."""
+    assert codes.dtype == torch.int8 and codes.shape == module.weight.shape
+    assert scales.shape == (codes.shape[0], codes.shape[1] // INT8_GROUP)
+    module.register_buffer("int8_codes", codes.contiguous(), persistent=False)
+    module.register_buffer("int8_scales", scales.float().contiguous(), persistent=False)
+
+
+def uses_int8(module: nn.Module, x: torch.Tensor) -> bool:
+    return getattr(module, "int8_codes", None) is not None and x.numel() <= INT8_ROWS * x.shape[-1]
+
+
+def matmul_int8(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    out = torch.ops.nano_pd.int8_linear(x.reshape(-1, x.shape[-1]), module.int8_codes, module.int8_scales)
+    return out.view(*x.shape[:-1], out.shape[-1])

@@ -134,30 +134,40 @@ def _read_weights(reader: gguf.GGUFReader, arch: str, dtype: torch.dtype) -> dic
 
 # llama.cpp's 4-bit blocks: 32 weights, an fp16 scale d (Q4_1: then an fp16 minimum m), then 16 bytes of codes q
 # in 0..15 (weight j in the low nibble of byte j, weight j + 16 in the high one); a weight is d * q + m, and Q4_0's
-# is d * (q - 8). Other types (Q8_0, the K-quants) are dequantized like float tensors.
+# is d * (q - 8). Q8_0's blocks: an fp16 scale d, then 32 int8 codes q, a weight d * q. Other types (the
+# K-quants) are dequantized like float tensors.
 INT4_GROUP = 32
 _INT4_TYPES = {gguf.GGMLQuantizationType.Q4_0: False, gguf.GGMLQuantizationType.Q4_1: True}  # has a minimum
 
 
-def read_int4_tensors(gguf_path: str) -> Iterator[tuple[str, torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """(HF name, codes [out, in] uint8, scales and offsets [out, in / 32] float32) of every Q4_0 / Q4_1 tensor,
-    straight from the file's blocks, rows in HF's order."""
+def _fp16_at(blocks: np.ndarray, offset: int) -> np.ndarray:
+    return blocks[..., offset:offset + 2].copy().view(np.float16)[..., 0].astype(np.float32)
+
+
+def read_quantized_tensors(gguf_path: str) -> Iterator[tuple[str, str, tuple[torch.Tensor, ...]]]:
+    """(HF name, "int4", (codes [out, in] uint8, scales, offsets [out, in / 32] float32)) of every Q4_0 / Q4_1
+    tensor and (HF name, "int8", (codes [out, in] int8, scales [out, in / 32] float32)) of every Q8_0 one, straight
+    from the file's blocks, rows in HF's order. One pass: parsing a file's header (its tokenizer's 49k strings, in
+    Python) takes seconds."""
     _check_gguf(gguf_path)
     reader = gguf.GGUFReader(gguf_path)
     arch = _field(reader, "general.architecture")
     for t in reader.tensors:
-        has_min = _INT4_TYPES.get(t.tensor_type)
         name = _hf_name(t.name)
-        if has_min is None or name is None:
+        if name is None or (t.tensor_type not in _INT4_TYPES and t.tensor_type != gguf.GGMLQuantizationType.Q8_0):
             continue
         cols, rows = t.shape.tolist()
         blocks = np.asarray(t.data).reshape(rows, cols // INT4_GROUP, -1)
-        scales = blocks[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float32)
-        offsets = blocks[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float32) if has_min else -8 * scales
-        qs = blocks[..., 4:] if has_min else blocks[..., 2:]
-        codes = np.concatenate((qs & 0x0F, qs >> 4), axis=-1).reshape(rows, cols)
-        yield name, *(torch.from_numpy(np.ascontiguousarray(_restore_row_order(reader, arch, name, a)))
-                      for a in (codes, scales, offsets))
+        scales = _fp16_at(blocks, 0)
+        if t.tensor_type == gguf.GGMLQuantizationType.Q8_0:
+            kind, arrays = "int8", (blocks[..., 2:].copy().view(np.int8).reshape(rows, cols), scales)
+        else:
+            has_min = _INT4_TYPES[t.tensor_type]
+            qs = blocks[..., 4:] if has_min else blocks[..., 2:]
+            codes = np.concatenate((qs & 0x0F, qs >> 4), axis=-1).reshape(rows, cols)
+            kind, arrays = "int4", (codes, scales, _fp16_at(blocks, 2) if has_min else -8 * scales)
+        yield name, kind, tuple(torch.from_numpy(np.ascontiguousarray(_restore_row_order(reader, arch, name, a)))
+                                for a in arrays)
 
 
 def _build(gguf_path: str, out: str, dtype: torch.dtype) -> None:

@@ -1,6 +1,6 @@
 """Int4 weights for a loaded model (common/layers/quantized_linear.py): a GGUF's own Q4_0 / Q4_1 blocks, or a
-float checkpoint's linears quantized at load. Embeddings, norms, the LM head and a GGUF's other tensor types keep
-the engine's dtype."""
+float checkpoint's linears quantized at load; and a GGUF's Q8_0 LM head as its int8 blocks. Embeddings, norms and
+a GGUF's other tensor types keep the engine's dtype."""
 import logging
 
 import torch
@@ -8,7 +8,7 @@ from torch import nn
 
 from common.errors import ModelLoadError
 from common.layers.linear import _ShardedLinear
-from common.layers.quantized_linear import check_shape, make_int4, quantize_float
+from common.layers.quantized_linear import check_shape, int8_kernel_available, make_int4, make_int8, quantize_float
 from common.models.loader import checkpoint_target
 
 log = logging.getLogger("nano_pd.quantize")
@@ -33,14 +33,24 @@ def quantize_linears(model: nn.Module, group: int, dtype: torch.dtype) -> int:
     return count
 
 
-def load_gguf_int4(model: nn.Module, gguf_path: str, dtype: torch.dtype) -> int:
+def load_gguf_quantized(model: nn.Module, gguf_path: str, dtype: torch.dtype) -> tuple[int, bool]:
     """Replace the (dequantized) weights of the linears the GGUF file holds as Q4_0 / Q4_1 by those blocks, fused
-    projections (q/k/v, gate/up) assembled through each layer's own shard loader; returns how many."""
-    from common.models.gguf import read_int4_tensors
+    projections (q/k/v, gate/up) assembled through each layer's own shard loader, and give the LM head the file's
+    Q8_0 blocks of its weight (its own, or the embedding's when the two are tied) where the int8 kernel is fast.
+    Returns how many linears are int4, and whether the LM head has int8 blocks."""
+    from common.models.gguf import read_quantized_tensors
 
     linears = _linears(model)
+    head = model.lm_head
+    head_name = "model.embed_tokens.weight" if head.weight is model.model.embed_tokens.weight else "lm_head.weight"
+    int8_head = False
     parts: dict[str, list] = {}  # module name -> [codes, scales, offsets, rows filled]
-    for name, *tensors in read_int4_tensors(gguf_path):
+    for name, kind, tensors in read_quantized_tensors(gguf_path):
+        if kind == "int8":
+            if name == head_name and tensors[0].shape == head.weight.shape and int8_kernel_available():
+                make_int8(head, *tensors)
+                int8_head = True
+            continue
         target, shard = checkpoint_target(model, name)
         module_name = target.rsplit(".", 1)[0]
         module = linears.get(module_name)
@@ -61,4 +71,4 @@ def load_gguf_int4(model: nn.Module, gguf_path: str, dtype: torch.dtype) -> int:
             raise ModelLoadError(f"{gguf_path}: {module_name} has {rows} of its {codes.shape[0]} rows in 4-bit "
                                  f"blocks; its projections differ in type")
         make_int4(linears[module_name], codes, scales, offsets, dtype)
-    return len(parts)
+    return len(parts), int8_head

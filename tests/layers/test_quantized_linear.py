@@ -1,5 +1,6 @@
-"""Int4 linears (common/layers/quantized_linear.py) against dequantize-then-matmul, and the GGUF 4-bit blocks
-(common/models/gguf.py read_int4_tensors) against the dequantized weights the parity path loads."""
+"""Int4 and int8 linears (common/layers/quantized_linear.py) against dequantize-then-matmul, and the GGUF 4-bit
+and Q8_0 blocks (common/models/gguf.py read_quantized_tensors) against the dequantized weights the parity path
+loads."""
 from __future__ import annotations
 
 import numpy as np
@@ -7,8 +8,9 @@ import pytest
 import torch
 from torch import nn
 
-from common.layers.quantized_linear import (GROUP_SIZES, PACKED_ROWS, check_shape, dequantize, make_int4,
-                                            matmul_int4, quantize_float)
+from common.layers.packed_linear import matmul
+from common.layers.quantized_linear import (GROUP_SIZES, INT8_ROWS, PACKED_ROWS, check_shape, dequantize,
+                                            int8_kernel_available, make_int4, make_int8, matmul_int4, quantize_float)
 
 # (out, in, group): odd output counts, every group size, inputs of one and of many groups
 SHAPES = [(1, 32, 32), (7, 64, 32), (33, 96, 32), (96, 128, 64), (130, 256, 128), (64, 512, 256), (1000, 256, 32)]
@@ -88,6 +90,63 @@ def test_shapes_refused():
     assert "group size" in check_shape(96, 48)
 
 
+# ------------------------------------------------------------------ int8 (Q8_0) linears
+def _random_int8(out_features, in_features, seed):
+    g = torch.Generator().manual_seed(seed)
+    codes = torch.randint(-128, 128, (out_features, in_features), generator=g, dtype=torch.int8)
+    return codes, torch.rand(out_features, in_features // 32, generator=g) * 0.01 + 1e-4
+
+
+def _reference_int8(codes, scales):
+    return codes.double() * scales.double().repeat_interleave(32, 1)
+
+
+needs_int8_kernel = pytest.mark.skipif(not int8_kernel_available(), reason="no AVX-512 build of the kernels here")
+
+
+@needs_int8_kernel
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 9])
+@pytest.mark.parametrize("shape", [(1, 32), (7, 64), (65, 96), (1000, 576)], ids=lambda s: "x".join(map(str, s)))
+def test_int8_kernel_equals_dequantize_then_matmul(shape, rows):
+    codes, scales = _random_int8(*shape, seed=rows)
+    x = torch.randn(rows, shape[1], generator=torch.Generator().manual_seed(3))
+    want = x.double() @ _reference_int8(codes, scales).T
+    got = torch.ops.nano_pd.int8_linear(x, codes, scales)
+    assert got.dtype == torch.float32 and got.shape == (rows, shape[0])
+    torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
+    got = torch.ops.nano_pd.int8_linear(x.bfloat16(), codes, scales)  # bf16 in and out, fp32 inside
+    want = x.bfloat16().double() @ _reference_int8(codes, scales).T
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.double(), want, rtol=1e-2, atol=1e-2 * want.abs().max().item())
+
+
+@needs_int8_kernel
+def test_int8_weight_serves_a_few_rows_and_the_float_weight_the_rest():
+    codes, scales = _random_int8(48, 64, seed=0)
+    m = nn.Linear(64, 48, bias=False)
+    m.weight.data = _reference_int8(codes, scales).float()
+    make_int8(m, codes, scales)
+    x = torch.randn(INT8_ROWS + 3, 64, generator=torch.Generator().manual_seed(4))
+    want = x.double() @ m.weight.double().T
+    for rows in (1, INT8_ROWS, INT8_ROWS + 3):
+        torch.testing.assert_close(matmul(m, x[:rows]).double(), want[:rows], rtol=1e-4, atol=1e-4)
+    assert matmul(m, x[:2].view(2, 1, 64)).shape == (2, 1, 48)  # leading dimensions kept
+    m.weight.data.zero_()  # now the two paths differ: a few rows still read the int8 codes, more the float weight
+    assert matmul(m, x[:INT8_ROWS]).abs().max() > 0
+    assert matmul(m, x[:INT8_ROWS + 1]).abs().max() == 0
+
+
+@needs_int8_kernel
+def test_int8_kernel_refuses_bad_inputs():
+    codes, scales = _random_int8(8, 64, seed=0)
+    with pytest.raises(RuntimeError, match="multiple of 32"):
+        torch.ops.nano_pd.int8_linear(torch.randn(1, 48), codes[:, :48].contiguous(), scales[:, :1].contiguous())
+    with pytest.raises(RuntimeError, match="scales"):
+        torch.ops.nano_pd.int8_linear(torch.randn(1, 64), codes, scales.double())
+    with pytest.raises(RuntimeError, match="x must be"):
+        torch.ops.nano_pd.int8_linear(torch.randn(1, 32), codes, scales)
+
+
 # ------------------------------------------------------------------ GGUF blocks
 def _write_gguf(path, tensors: dict[str, tuple[np.ndarray, object]], n_head=4, n_head_kv=2):
     import gguf
@@ -106,10 +165,10 @@ def _write_gguf(path, tensors: dict[str, tuple[np.ndarray, object]], n_head=4, n
 
 def test_gguf_q4_blocks_equal_the_dequantized_weights(tmp_path):
     """Q4_0 and Q4_1 tensors, with llama's q/k row permutation undone, read as codes, scales and offsets, equal
-    what the conversion to float (the parity path) loads; Q8_0 tensors are not 4-bit and are left to it."""
+    what the conversion to float (the parity path) loads, and so do Q8_0 tensors read as codes and scales."""
     import gguf
 
-    from common.models.gguf import _read_weights, read_int4_tensors
+    from common.models.gguf import _read_weights, read_quantized_tensors
 
     rng = np.random.default_rng(0)
     q4_0, q4_1, q8_0 = gguf.GGMLQuantizationType.Q4_0, gguf.GGMLQuantizationType.Q4_1, gguf.GGMLQuantizationType.Q8_0
@@ -120,9 +179,16 @@ def test_gguf_q4_blocks_equal_the_dequantized_weights(tmp_path):
     path = tmp_path / "tiny.gguf"
     _write_gguf(path, tensors)
     floats = _read_weights(gguf.GGUFReader(str(path)), "llama", torch.float32)
-    got = {name: (codes, scales, offsets) for name, codes, scales, offsets in read_int4_tensors(str(path))}
+    blocks = list(read_quantized_tensors(str(path)))
+    got = {name: tensors for name, kind, tensors in blocks if kind == "int4"}
     assert sorted(got) == ["model.layers.0.mlp.down_proj.weight", "model.layers.0.self_attn.k_proj.weight",
                            "model.layers.0.self_attn.q_proj.weight"]
     for name, (codes, scales, offsets) in got.items():
         assert codes.dtype == torch.uint8 and codes.shape == floats[name].shape
         torch.testing.assert_close(_reference(codes, scales, offsets).float(), floats[name], rtol=0, atol=1e-6)
+    int8 = {name: tensors for name, kind, tensors in blocks if kind == "int8"}
+    assert list(int8) == ["model.layers.0.mlp.up_proj.weight"]
+    codes, scales = int8["model.layers.0.mlp.up_proj.weight"]
+    assert codes.dtype == torch.int8 and scales.shape == (24, 2)
+    torch.testing.assert_close(_reference_int8(codes, scales).float(), floats["model.layers.0.mlp.up_proj.weight"],
+                               rtol=0, atol=1e-6)

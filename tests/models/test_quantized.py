@@ -16,7 +16,7 @@ import shutil
 import pytest
 import torch
 
-from common.layers.quantized_linear import dequantize_ref, is_int4, quantize_float
+from common.layers.quantized_linear import dequantize_ref, int8_kernel_available, is_int4, quantize_float
 from tests.models.test_parity_tiny import CONFIGS, make_prefix_prompts, make_prompts
 from tests.support.hf_reference import load_hf_model, make_llm, run_mode_and_compare
 
@@ -128,7 +128,10 @@ def gguf_int4():
     from common.models.gguf import default_gguf_path
 
     llm = make_llm(default_gguf_path(), dtype="bfloat16", quantization="auto")
-    assert sum(is_int4(m) for m in llm.engine.runner.model.modules()) == 30 * 4
+    model = llm.engine.runner.model
+    assert sum(is_int4(m) for m in model.modules()) == 30 * 4
+    # the LM head, tied to the file's Q8_0 embedding, multiplies a few rows by those blocks
+    assert (getattr(model.lm_head, "int8_codes", None) is not None) == int8_kernel_available()
     return llm
 
 
