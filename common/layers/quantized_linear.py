@@ -164,5 +164,6 @@ def uses_int8(module: nn.Module, x: torch.Tensor) -> bool:
 
 
 def matmul_int8(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """x @ w.T in float32 whatever x's dtype: the LM head's logits, whose near-ties bf16 would round into ties."""
     out = torch.ops.nano_pd.int8_linear(x.reshape(-1, x.shape[-1]), module.int8_codes, module.int8_scales)
     return out.view(*x.shape[:-1], out.shape[-1])

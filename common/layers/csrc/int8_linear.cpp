@@ -2,8 +2,10 @@
 // (common/layers/quantized_linear.py): built into the same library as paged_attention.cpp, by
 // common/layers/paged_attention_cpu.py.
 //
-//   int8_linear(x [M, K] fp32/bf16, codes [N, K] int8, scales [N, K/32] fp32) -> [M, N] in x's dtype
+//   int8_linear(x [M, K] fp32/bf16, codes [N, K] int8, scales [N, K/32] fp32) -> [M, N] fp32
 //   out[m, n] = sum over groups g of scales[n, g] * sum over k in g of codes[n, k] * x[m, k], in fp32
+// The output stays fp32 whatever x is: these are logits, and bf16's resolution at a logit of 20 (0.125) turns the
+// near-ties greedy decoding meets into exact ties.
 //
 // A decode step of a few rows is bound by reading the weight: this reads one byte a weight where a bf16 weight is two
 // (SmolLM2's tied LM head: 28 MB instead of 57). Output rows are split across threads; each weight group is widened
@@ -13,7 +15,6 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
-#include <c10/util/BFloat16.h>
 #include <torch/library.h>
 
 #if defined(__AVX512F__)
@@ -28,8 +29,7 @@ namespace nano_pd_int8 {
 constexpr int64_t kGroup = 32;
 constexpr int64_t kRowsAtOnce = 4;
 
-template <typename out_t>
-void rows_of_n(const float* x, const int8_t* codes, const float* scales, out_t* out, int64_t M, int64_t N, int64_t K,
+void rows_of_n(const float* x, const int8_t* codes, const float* scales, float* out, int64_t M, int64_t N, int64_t K,
                int64_t n_begin, int64_t n_end) {
   const int64_t G = K / kGroup;
   for (int64_t n = n_begin; n < n_end; ++n) {
@@ -51,14 +51,14 @@ void rows_of_n(const float* x, const int8_t* codes, const float* scales, out_t* 
           total[i] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(xr + 16), _mm512_fmadd_ps(w0, _mm512_loadu_ps(xr), total[i]));
         }
       }
-      for (int64_t i = 0; i < rows; ++i) out[(m0 + i) * N + n] = static_cast<out_t>(_mm512_reduce_add_ps(total[i]));
+      for (int64_t i = 0; i < rows; ++i) out[(m0 + i) * N + n] = _mm512_reduce_add_ps(total[i]);
 #else
       for (int64_t i = 0; i < rows; ++i) {
         const float* xr = x + (m0 + i) * K;
         float total = 0.f;
         for (int64_t g = 0; g < G; ++g)
           for (int64_t k = g * kGroup; k < (g + 1) * kGroup; ++k) total += static_cast<float>(q[k]) * s[g] * xr[k];
-        out[(m0 + i) * N + n] = static_cast<out_t>(total);
+        out[(m0 + i) * N + n] = total;
       }
 #endif
     }
@@ -78,18 +78,13 @@ at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& codes, const at::T
               "int8_linear: x must be a [M, K] float32 or bfloat16 CPU tensor");
   const int64_t M = x.size(0);
   const at::Tensor xf = x.to(at::kFloat).contiguous();  // a few rows: widened once, not once per weight group
-  at::Tensor out = at::empty({M, N}, x.options());
+  at::Tensor out = at::empty({M, N}, x.options().dtype(at::kFloat));
   const float* xp = xf.data_ptr<float>();
   const int8_t* qp = codes.data_ptr<int8_t>();
   const float* sp = scales.data_ptr<float>();
+  float* op = out.data_ptr<float>();
   // 64 output rows per task: 18 KiB of SmolLM2's weight, enough to hide the scheduling
-  if (x.scalar_type() == at::kFloat) {
-    float* op = out.data_ptr<float>();
-    at::parallel_for(0, N, 64, [&](int64_t a, int64_t b) { rows_of_n(xp, qp, sp, op, M, N, K, a, b); });
-  } else {
-    c10::BFloat16* op = out.data_ptr<c10::BFloat16>();
-    at::parallel_for(0, N, 64, [&](int64_t a, int64_t b) { rows_of_n(xp, qp, sp, op, M, N, K, a, b); });
-  }
+  at::parallel_for(0, N, 64, [&](int64_t a, int64_t b) { rows_of_n(xp, qp, sp, op, M, N, K, a, b); });
   return out;
 }
 
