@@ -22,7 +22,7 @@ import urllib.request
 
 from common.cluster.flags import KV_TRANSPORTS, add_engine_args, engine_argv, worker_module
 from common.names import DEFAULT_MODEL, is_default_model, served_model_name
-from deploy.spec import ClusterSpecFile, Spec, load_spec_file, resolve
+from deploy.spec import ClusterSpecFile, Spec, load_spec_file, parse_role_args, resolve
 from deploy.supervisor import Supervisor, install_signal_handlers
 
 
@@ -30,19 +30,25 @@ from deploy.supervisor import Supervisor, install_signal_handlers
 # Cluster spec and command lines
 # ---------------------------------------------------------------------------------------------------------------
 
-def served_model(model: str, convert: bool = True) -> tuple[str, str]:
-    """(what to pass as --model to every process, the name clients use).
+def served_model(model: str, worker_dtypes: set[str] = frozenset({"auto"}),
+                 convert: bool = True) -> tuple[str, str, str]:
+    """(--model for the router, --model for the workers, the name clients use).
 
-    The default model and .gguf files are converted here, once, into a cached HF folder: otherwise the router and
-    every worker would race to convert the same file at start-up. With convert=False (a dry run) the name is
-    passed through; every process would resolve it the same way itself.
+    The default model and .gguf files are converted here, once, into cached HF folders: the float32 one the router
+    reads its tokenizer and template from, and one per dtype the workers load (worker_dtypes), so no two processes
+    race to convert the same file at start-up. The workers are still given the .gguf file: an engine that knows
+    its weights came from one keeps the file's quantized blocks (`--quantization auto`), reading the float
+    weights of the cached folder for the rest. With convert=False (a dry run) the name is passed through; every
+    process would resolve it the same way itself.
     """
     name = served_model_name(model)
     if not convert or not (is_default_model(model) or model.endswith(".gguf")):
-        return model, name
+        return model, model, name
     from common import names  # the module, so tests can stand in for the conversion
 
-    return names.resolve_model(model), name
+    for dtype in worker_dtypes - {"auto", "float32"}:
+        names.resolve_model(model, dtype)
+    return names.resolve_model(model), model, name
 
 
 def _local_address(host: str) -> str:
@@ -50,21 +56,21 @@ def _local_address(host: str) -> str:
     return "127.0.0.1" if host in ("0.0.0.0", "", "::") else host
 
 
-def build_commands(spec: Spec, model_arg: str, served_name: str, router: str | None,
+def build_commands(spec: Spec, router_model: str, worker_model: str, served_name: str, router: str | None,
                    start_router: bool = True) -> list[tuple[str, list[str]]]:
     """(name, argv) of every process to start, router first.
 
-    Workers get the served name too: given a converted folder, they would otherwise name the model after it."""
+    Workers get the served name too: they would otherwise name the model after the path they were given."""
     py = sys.executable
     commands = []
     if start_router:
-        commands.append(("router", [py, "-m", "router", "--model", model_arg, "--served-model-name", served_name,
+        commands.append(("router", [py, "-m", "router", "--model", router_model, "--served-model-name", served_name,
                                     "--host", spec.host, "--port", str(spec.port),
                                     "--control-port", str(spec.control_port)]))
     for role, part in spec.roles():
         module = [worker_module(role), *(["--role", role] if role == "mixed" else [])]
         for i in range(part.workers):
-            commands.append((f"{role}-{i}", [py, "-m", *module, "--router", router, "--model", model_arg,
+            commands.append((f"{role}-{i}", [py, "-m", *module, "--router", router, "--model", worker_model,
                                              "--served-model-name", served_name, "--host", spec.host,
                                              "--kv-transport", spec.kv_transport,
                                              "--threads", str(part.threads), "--name", f"{role}-{i}",
@@ -142,11 +148,12 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(str(e))
     router = _router_endpoint(parser, args, spec)
     try:
-        model_arg, name = served_model(spec.model, convert=not args.dry_run)
+        dtypes = {parse_role_args(role, part.args).dtype for role, part in spec.roles() if part.workers}
+        router_model, worker_model, name = served_model(spec.model, dtypes, convert=not args.dry_run)
     except Exception as e:  # the model cannot be resolved: say so before starting anything
         print(f"launch: cannot resolve model {spec.model!r}: {e}", file=sys.stderr)
         return 2
-    commands = build_commands(spec, model_arg, name, router, start_router=not args.no_router)
+    commands = build_commands(spec, router_model, worker_model, name, router, start_router=not args.no_router)
     if args.dry_run:
         for proc_name, cmd in commands:
             print(f"{shlex.join(cmd)}  # {proc_name}")

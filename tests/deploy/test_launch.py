@@ -455,26 +455,30 @@ def test_a_folder_is_passed_as_is_and_served_under_its_basename(monkeypatch):
     import common.names
 
     monkeypatch.setattr(common.names, "resolve_model", lambda *a, **k: pytest.fail("a folder needs no conversion"))
-    assert launch.served_model("/models/Llama-3.2-1B") == ("/models/Llama-3.2-1B", "Llama-3.2-1B")
-    assert launch.served_model("/models/Llama-3.2-1B/") == ("/models/Llama-3.2-1B/", "Llama-3.2-1B")
+    assert launch.served_model("/models/Llama-3.2-1B") == ("/models/Llama-3.2-1B",) * 2 + ("Llama-3.2-1B",)
+    assert launch.served_model("/models/Llama-3.2-1B/") == ("/models/Llama-3.2-1B/",) * 2 + ("Llama-3.2-1B",)
 
 
 def test_gguf_and_the_default_model_are_converted_once_and_keep_their_names(monkeypatch):
+    """The router reads the float32 folder; the workers get the file itself (so they keep its quantized blocks),
+    its folder for their dtype converted before any of them starts."""
     import common.names
 
     calls = []
 
-    def fake_resolve(model, *args, **kwargs):
-        calls.append(model)
-        return "/cache/nano-pd/gguf/converted"
+    def fake_resolve(model, dtype="float32"):
+        calls.append((model, dtype))
+        return f"/cache/nano-pd/gguf/converted-{dtype}"
 
     monkeypatch.setattr(common.names, "resolve_model", fake_resolve)
-    assert launch.served_model("/models/Qwen3-0.6B-Q8_0.gguf") == ("/cache/nano-pd/gguf/converted", "Qwen3-0.6B-Q8_0")
-    assert launch.served_model("SmolLM2-135M-Instruct") == ("/cache/nano-pd/gguf/converted", "SmolLM2-135M-Instruct")
-    assert calls == ["/models/Qwen3-0.6B-Q8_0.gguf", "SmolLM2-135M-Instruct"]
+    gguf = "/models/Qwen3-0.6B-Q8_0.gguf"
+    assert launch.served_model(gguf) == ("/cache/nano-pd/gguf/converted-float32", gguf, "Qwen3-0.6B-Q8_0")
+    assert launch.served_model("SmolLM2-135M-Instruct", {"bfloat16", "auto"}) == \
+        ("/cache/nano-pd/gguf/converted-float32", "SmolLM2-135M-Instruct", "SmolLM2-135M-Instruct")
+    assert calls == [(gguf, "float32"), ("SmolLM2-135M-Instruct", "bfloat16"), ("SmolLM2-135M-Instruct", "float32")]
     # a dry run names the model without converting it
-    assert launch.served_model("/models/x.gguf", convert=False) == ("/models/x.gguf", "x")
-    assert len(calls) == 2
+    assert launch.served_model("/models/x.gguf", convert=False) == ("/models/x.gguf", "/models/x.gguf", "x")
+    assert len(calls) == 3
 
 
 def test_not_ready_in_time_shuts_down_and_exits_1(tmp_path, monkeypatch, capsys):
