@@ -12,9 +12,9 @@ several tokens per sequence) always run eager.
   Inductor's cache lives in nano-pd's cache folder, so a restart loads the generated code instead of generating
   it again. On SmolLM2 (Zen 4) compiling the whole model took 79 s with an empty cache and 11-14 s with a warm
   one (dynamo traces every layer on every start, whatever the cache holds); one layer takes 22 s and 3 s, for
-  the same forward time.
-  Attention goes through the opaque `nano_pd::paged_decode` op, so the compiled code never copies the KV pool,
-  and the prepacked and int4 matmuls through opaque ops of their own (common/layers/opaque_ops.py).
+  the same forward time. Attention goes through the opaque `nano_pd::paged_decode` op, so the compiled code
+  never copies the KV pool, and the prepacked and int4 matmuls through opaque ops of their own
+  (common/layers/opaque_ops.py).
 - "cuda_graph" (GPU): one graph per batch-size bucket, captured on first use with static input buffers sized for
   the longest context; a smaller batch is padded to its bucket, the padding rows writing their K/V into the
   runner's scratch block. UNVERIFIED: written for a GPU and not yet run on one (README says so).
