@@ -17,8 +17,9 @@ runs is kept.
             "TokenizersBackend"); gpu_memory_utilization (--vllm-mem) is the fraction of CPU RAM vLLM
             reserves, kept small because the machine is shared (vLLM's default 0.92 fails to start).
   floor     one decode step of our engine with N sequences decoding at context ~input_len + 64
-            (llm.engine.step(), and inside it our model's forward + logits: from the embedding to the LM head), vs one bare forward of HF's
-            model: model(input_ids=[N,1], past_key_values=<DynamicCache of the same length>, use_cache=True).
+            (llm.engine.step(), and inside it our model's forward + logits: from the embedding to the LM head),
+            vs one bare forward of HF's model: model(input_ids=[N,1], past_key_values=<DynamicCache of the same
+            length>, use_cache=True).
             The HF cache holds random K/V (same cost as a real one) and is cropped back after each call.
 
 Models: "smollm2" (the default GGUF, converted to a float32 HF folder) and "qwen3-tiny" (random weights from

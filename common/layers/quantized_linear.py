@@ -1,6 +1,6 @@
-"""Weight-only int4 linears on CPU, and the int8 (Q8_0) LM head at the end of this file: 4-bit codes q in groups of g input features, each group with a scale and an
-offset, w = q * scale + offset (GGUF's Q4_1 as it is, Q4_0 with offset -8 * scale, or a float checkpoint
-quantized at load).
+"""Weight-only int4 linears on CPU (and the int8 Q8_0 LM head, at the end of this file): 4-bit codes q in groups
+of g input features, each group with a scale and an offset, w = q * scale + offset (GGUF's Q4_1 as it is, Q4_0
+with offset -8 * scale, or a float checkpoint quantized at load).
 
 Two kernels, picked per call by the number of rows. A decode step of a few sequences is bound by reading the
 weights: torch's packed int4 matmul reads ~4.5 bits a weight where bf16 reads 16, and unpacks them in registers
