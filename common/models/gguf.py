@@ -136,7 +136,7 @@ def _read_weights(reader: gguf.GGUFReader, arch: str, dtype: torch.dtype) -> dic
 # in 0..15 (weight j in the low nibble of byte j, weight j + 16 in the high one); a weight is d * q + m, and Q4_0's
 # is d * (q - 8). Q8_0's blocks: an fp16 scale d, then 32 int8 codes q, a weight d * q. Other types (the
 # K-quants) are dequantized like float tensors.
-INT4_GROUP = 32
+BLOCK_WEIGHTS = 32
 _INT4_TYPES = {gguf.GGMLQuantizationType.Q4_0: False, gguf.GGMLQuantizationType.Q4_1: True}  # has a minimum
 
 
@@ -144,22 +144,25 @@ def _fp16_at(blocks: np.ndarray, offset: int) -> np.ndarray:
     return blocks[..., offset:offset + 2].copy().view(np.float16)[..., 0].astype(np.float32)
 
 
-def read_quantized_tensors(gguf_path: str) -> Iterator[tuple[str, str, tuple[torch.Tensor, ...]]]:
+def read_quantized_tensors(gguf_path: str, int8_names: frozenset[str] = frozenset()) \
+        -> Iterator[tuple[str, str, tuple[torch.Tensor, ...]]]:
     """(HF name, "int4", (codes [out, in] uint8, scales, offsets [out, in / 32] float32)) of every Q4_0 / Q4_1
-    tensor and (HF name, "int8", (codes [out, in] int8, scales [out, in / 32] float32)) of every Q8_0 one, straight
-    from the file's blocks, rows in HF's order. One pass: parsing a file's header (its tokenizer's 49k strings, in
-    Python) takes seconds."""
+    tensor and (HF name, "int8", (codes [out, in] int8, scales [out, in / 32] float32)) of the Q8_0 ones named in
+    int8_names (a Q8_0 file's every linear would otherwise be copied out for nothing), straight from the file's
+    blocks, rows in HF's order. One pass: parsing a file's header (its tokenizer's 49k strings, in Python) takes
+    seconds."""
     _check_gguf(gguf_path)
     reader = gguf.GGUFReader(gguf_path)
     arch = _field(reader, "general.architecture")
     for t in reader.tensors:
         name = _hf_name(t.name)
-        if name is None or (t.tensor_type not in _INT4_TYPES and t.tensor_type != gguf.GGMLQuantizationType.Q8_0):
+        int8 = t.tensor_type == gguf.GGMLQuantizationType.Q8_0 and name in int8_names
+        if name is None or not (int8 or t.tensor_type in _INT4_TYPES):
             continue
         cols, rows = t.shape.tolist()
-        blocks = np.asarray(t.data).reshape(rows, cols // INT4_GROUP, -1)
+        blocks = np.asarray(t.data).reshape(rows, cols // BLOCK_WEIGHTS, -1)
         scales = _fp16_at(blocks, 0)
-        if t.tensor_type == gguf.GGMLQuantizationType.Q8_0:
+        if int8:
             kind, arrays = "int8", (blocks[..., 2:].copy().view(np.int8).reshape(rows, cols), scales)
         else:
             has_min = _INT4_TYPES[t.tensor_type]

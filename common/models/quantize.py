@@ -45,9 +45,10 @@ def load_gguf_quantized(model: nn.Module, gguf_path: str, dtype: torch.dtype) ->
     head_name = "model.embed_tokens.weight" if head.weight is model.model.embed_tokens.weight else "lm_head.weight"
     int8_head = False
     parts: dict[str, list] = {}  # module name -> [codes, scales, offsets, rows filled]
-    for name, kind, tensors in read_quantized_tensors(gguf_path):
+    wanted = frozenset({head_name} if int8_kernel_available() else ())
+    for name, kind, tensors in read_quantized_tensors(gguf_path, wanted):
         if kind == "int8":
-            if name == head_name and tensors[0].shape == head.weight.shape and int8_kernel_available():
+            if tensors[0].shape == head.weight.shape:
                 make_int8(head, *tensors)
                 int8_head = True
             continue

@@ -179,7 +179,8 @@ def test_gguf_q4_blocks_equal_the_dequantized_weights(tmp_path):
     path = tmp_path / "tiny.gguf"
     _write_gguf(path, tensors)
     floats = _read_weights(gguf.GGUFReader(str(path)), "llama", torch.float32)
-    blocks = list(read_quantized_tensors(str(path)))
+    assert all(kind == "int4" for _, kind, _ in read_quantized_tensors(str(path)))  # Q8_0 only where named
+    blocks = list(read_quantized_tensors(str(path), frozenset({"model.layers.0.mlp.up_proj.weight"})))
     got = {name: tensors for name, kind, tensors in blocks if kind == "int4"}
     assert sorted(got) == ["model.layers.0.mlp.down_proj.weight", "model.layers.0.self_attn.k_proj.weight",
                            "model.layers.0.self_attn.q_proj.weight"]
