@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """Quantized weights: decode tok/s at several batch sizes, prefill tok/s and resident memory of the engine on the
-default GGUF with its Q4_1 blocks kept (quantization int4) against the same file dequantized (none), and llama.cpp
-on the same file at batch 1 in the same run (--llama-cpp-python, a python with llama_cpp: benchmarks/
-install_llama_cpp.sh). One table.
+default GGUF with its Q4_1 blocks kept (quantization int4, with and without the bf16 copy that its steps of many
+rows multiply) against the same file dequantized (none), and llama.cpp on the same file at batch 1 in the same run
+(--llama-cpp-python, a python with llama_cpp: benchmarks/install_llama_cpp.sh). One table.
 
 Every configuration runs in its own process (so its resident memory is its own): chat prompts of the decode
 benchmark's random workload (benchmarks/decode.py), greedy, ignore_eos, --max-tokens new tokens; decode tok/s
@@ -45,6 +45,12 @@ print("RESULT " + json.dumps({"decode": sorted(rates)[len(rates) // 2]}))
 '''
 
 
+# the rows' weights: the engine options each one sets
+WEIGHTS = {"int4": {"quantization": "int4"},
+           "int4, no float copy": {"quantization": "int4", "int4_float_copy": False},
+           "none (dequantized)": {"quantization": "none"}}
+
+
 def rss_mb() -> float:
     with open("/proc/self/status") as f:
         return next(int(line.split()[1]) for line in f if line.startswith("VmRSS")) / 1024
@@ -57,10 +63,10 @@ def one(a):
     from common.models.gguf import default_gguf_path
     from decode import run, workloads
 
-    quantization, decode_mode = a.one.split(",")
+    weights, decode_mode = a.one.rsplit(",", 1)
     start = time.perf_counter()
-    llm = LLM(default_gguf_path(), dtype=a.dtype, quantization=quantization, decode_mode=decode_mode,
-              max_num_seqs=max(a.batch_sizes))
+    llm = LLM(default_gguf_path(), dtype=a.dtype, decode_mode=decode_mode, max_num_seqs=max(a.batch_sizes),
+              **WEIGHTS[weights])
     for batch in a.batch_sizes:  # every batch size's decode step once, so compiling stays out of the timings
         run(llm, workloads(batch, seed=batch)["random"], 4)
     result = {"rss_mb": rss_mb(), "decode": {}, "start_s": time.perf_counter() - start}
@@ -95,8 +101,8 @@ def main():
         return one(a)
     base = [os.path.abspath(__file__), "--dtype", a.dtype, "--max-tokens", str(a.max_tokens), "--batch-sizes",
             *map(str, a.batch_sizes)]
-    rows = {f"nano-pd {a.dtype}, {q}, {mode}": child(base + ["--one", f"{q},{mode}"])
-            for mode in a.decode_modes for q in ("int4", "none")}
+    rows = {f"nano-pd {a.dtype}, {weights}, {mode}": child(base + ["--one", f"{weights},{mode}"])
+            for mode in a.decode_modes for weights in WEIGHTS}
     if a.llama_cpp_python:
         from transformers import AutoTokenizer
 

@@ -26,6 +26,10 @@ class EngineArgs:
         "auto", "weights: int4 (a GGUF's own Q4_0/Q4_1 blocks, a float checkpoint's linears quantized at load), "
                 "none (the float weights; a GGUF dequantized), auto (int4 for a GGUF in bfloat16, else none)",
         choices=("auto", "none", "int4"))
+    int4_float_copy: bool = option(
+        True, "int4 linears keep only their int4 weight (by default they also keep a oneDNN-packed bf16 copy for "
+              "steps of more than a few rows: prefill and large batches run faster, at two bytes a weight)",
+        flag="--no-int4-float-copy")
     quantization_group_size: int = option(32, "inputs per int4 group of a float checkpoint (32, 64, 128 or 256)")
     block_size: int = option(16, "tokens per KV block")
     max_num_seqs: int = option(256, "sequences running at once at the most")

@@ -77,7 +77,7 @@ class ModelRunner:
         # the parity tolerance, and the measured eager gain is bf16's
         if can_pack(config.torch_dtype, self.device) and (self.decode_mode == "compile"
                                                           or config.torch_dtype == torch.bfloat16):
-            log.info("%d linear weights prepacked for oneDNN", prepack_linears(self.model))
+            log.info("%d linear weights prepacked for oneDNN", prepack_linears(self.model, config.int4_float_copy))
         self.decode_step = None
         if self.decode_mode != "eager":
             self.decode_step = CompiledDecode(

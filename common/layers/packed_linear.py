@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from common.layers import opaque_ops
-from common.layers.quantized_linear import is_int4, matmul_int4, matmul_int8, uses_int8
+from common.layers.quantized_linear import is_int4, keep_float_copy, matmul_int4, matmul_int8, uses_int8
 
 
 def can_pack(dtype: torch.dtype, device: torch.device) -> bool:
@@ -57,9 +57,10 @@ opaque_ops.define("packed_linear(Tensor x, Tensor key, int out_features) -> Tens
                   lambda x, key, out_features: x.new_empty(*x.shape[:-1], out_features))
 
 
-def prepack_linears(model) -> int:
-    """Reorder every float linear's and the LM head's weight for oneDNN; a plain
-    weight that no other module shares is freed. Returns the number of weights packed."""
+def prepack_linears(model, int4_float_copy: bool) -> int:
+    """Reorder every float linear's and the LM head's weight for oneDNN; a plain weight that no other module
+    shares is freed. An int4 linear keeps its int4 weight, and with int4_float_copy also gets a prepacked float
+    copy for its calls of many rows (quantized_linear.keep_float_copy). Returns the number of weights packed."""
     from collections import Counter
 
     from common.layers.embedding import ParallelLMHead
@@ -68,8 +69,13 @@ def prepack_linears(model) -> int:
     uses = Counter(id(p) for _, p in model.named_parameters(remove_duplicate=False))
     packed = 0
     for module in model.modules():
-        if isinstance(module, (_ShardedLinear, ParallelLMHead)) and getattr(module, "prepack", True) \
-                and not is_int4(module):
+        if not isinstance(module, (_ShardedLinear, ParallelLMHead)) or not getattr(module, "prepack", True):
+            continue
+        if not is_int4(module):
             pack(module, free_plain=uses[id(module.weight)] == 1)
-            packed += 1
+        elif int4_float_copy:
+            keep_float_copy(module)
+        else:
+            continue
+        packed += 1
     return packed

@@ -8,9 +8,10 @@ import pytest
 import torch
 from torch import nn
 
-from common.layers.packed_linear import matmul
+from common.layers.packed_linear import can_pack, matmul
 from common.layers.quantized_linear import (GROUP_SIZES, INT8_ROWS, PACKED_ROWS, check_shape, dequantize,
-                                            int8_kernel_available, make_int4, make_int8, matmul_int4, quantize_float)
+                                            int8_kernel_available, keep_float_copy, make_int4, make_int8, matmul_int4,
+                                            quantize_float)
 
 # (out, in, group): odd output counts, every group size, inputs of one and of many groups
 SHAPES = [(1, 32, 32), (7, 64, 32), (33, 96, 32), (96, 128, 64), (130, 256, 128), (64, 512, 256), (1000, 256, 32)]
@@ -59,6 +60,26 @@ def test_bf16_within_a_bf16_step(shape, rows):
     got = matmul_int4(m, x)
     assert got.dtype == torch.bfloat16 and got.shape == (2, rows, shape[0])
     torch.testing.assert_close(got.double(), want, rtol=2e-2, atol=2e-2 * want.abs().max().item())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_float_copy_serves_many_rows_and_the_int4_kernel_a_few(dtype):
+    if not can_pack(dtype, torch.device("cpu")):
+        pytest.skip(f"oneDNN cannot prepack {dtype} weights on this CPU")
+    codes, scales, offsets = _random_int4(130, 256, 32, seed=5)
+    m = _module(codes, scales, offsets, dtype)
+    keep_float_copy(m)
+    dequantize(_module(*_random_int4(130, 256, 32, seed=6), dtype))  # overwrites the expansion's scratch buffer
+    x = torch.randn(PACKED_ROWS + 9, 256, generator=torch.Generator().manual_seed(7)).to(dtype)
+    want = x.double() @ _reference(codes, scales, offsets).T
+    tol = 1e-4 if dtype == torch.float32 else 2e-2
+    for rows in (1, PACKED_ROWS, PACKED_ROWS + 1, PACKED_ROWS + 9):
+        got = matmul(m, x[:rows])
+        assert got.dtype == dtype
+        torch.testing.assert_close(got.double(), want[:rows], rtol=tol, atol=tol * want.abs().max().item())
+    m.int4_float_copy = torch.ops.mkldnn._reorder_linear_weight(torch.zeros(130, 256, dtype=dtype), 1)
+    assert matmul(m, x[:PACKED_ROWS]).abs().max() > 0, "a few rows: the int4 kernel"
+    assert matmul(m, x[:PACKED_ROWS + 1]).abs().max() == 0, "more: the float copy"
 
 
 def test_dequantize_is_exact_in_fp32():

@@ -77,8 +77,10 @@ def test_greedy_parity_through_int4(grid_model, mode, packed_rows_4):
 
 
 def test_compiled_decode_through_int4_equals_eager(grid_model, packed_rows_4):
-    """torch.compile'd decode steps over int4 weights: both kernels (the packed one up to PACKED_ROWS rows, the
-    expansion above) give the eager engine's tokens and logprobs, in the two graphs of any compiled engine."""
+    """torch.compile'd decode steps over int4 weights: both kernels (the packed one up to PACKED_ROWS rows, above
+    it the float copy a compiled engine keeps, its prefill too) give the tokens and logprobs of the eager float32
+    engine (which packs nothing, so above PACKED_ROWS it expands the weight), in the two graphs of any compiled
+    engine."""
     import torch._dynamo
 
     from common import SamplingParams
@@ -93,6 +95,9 @@ def test_compiled_decode_through_int4_equals_eager(grid_model, packed_rows_4):
     torch._dynamo.utils.counters.clear()
     compiled = make_llm(d, decode_mode="compile", **args)
     assert compiled.engine.runner.decode_mode == "compile"
+    for llm, copies in ((eager, False), (compiled, True)):
+        int4 = [m for m in llm.engine.runner.model.modules() if is_int4(m)]
+        assert int4 and all((getattr(m, "int4_float_copy", None) is not None) == copies for m in int4)
     compiled_at_start = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     params = SamplingParams(temperature=0.0, max_tokens=MAX_NEW, ignore_eos=True, logprobs=1)
     for batch in (prompts[:1], prompts[:packed_rows_4], prompts[:packed_rows_4 + 4]):
@@ -103,6 +108,20 @@ def test_compiled_decode_through_int4_equals_eager(grid_model, packed_rows_4):
     # batch 1 and every larger batch, compiled while the engine started: the kernel choice by rows is made inside
     # the int4 op, not traced into a guard
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == compiled_at_start <= 2
+
+
+def test_float_copy_is_an_option(grid_model):
+    """A bf16 engine gives its int4 linears a float copy for calls of many rows unless told not to."""
+    from common.layers.packed_linear import can_pack
+
+    cfg, d = grid_model
+    if cfg is not CONFIGS[1] or not can_pack(torch.bfloat16, torch.device("cpu")):
+        pytest.skip("one architecture is enough; oneDNN prepacks bf16 weights only on CPUs with bf16 instructions")
+    for copy in (True, False):
+        llm = make_llm(d, dtype="bfloat16", decode_mode="eager", quantization="int4", quantization_group_size=GROUP,
+                       int4_float_copy=copy)
+        int4 = [m for m in llm.engine.runner.model.modules() if is_int4(m)]
+        assert int4 and all((getattr(m, "int4_float_copy", None) is not None) == copy for m in int4)
 
 
 def test_int4_refused_where_it_cannot_run(tiny_model_factory):
