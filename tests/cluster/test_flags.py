@@ -20,6 +20,7 @@ CHANGED = {
     "model": (["--model", "/models/tiny"], "/models/tiny"),
     "dtype": (["--dtype", "bfloat16"], "bfloat16"),
     "quantization": (["--quantization", "int4"], "int4"),
+    "int4_float_copy": (["--no-int4-float-copy"], False),
     "quantization_group_size": (["--quantization-group-size", "128"], 128),
     "block_size": (["--block-size", "32"], 32),
     "max_num_seqs": (["--max-num-seqs", "8"], 8),
