@@ -22,7 +22,8 @@ runs is kept.
             length>, use_cache=True).
             The HF cache holds random K/V (same cost as a real one) and is cropped back after each call.
 
-Models: "smollm2" (the default GGUF, converted to a float32 HF folder) and "qwen3-tiny" (random weights from
+Models: "smollm2" (the default GGUF, converted to a float32 HF folder), "smollm2-gguf" (nano-pd gets the GGUF itself,
+so its default `quantization auto` keeps the int4 blocks in bf16; vLLM and HF get the converted folder) and "qwen3-tiny" (random weights from
 tests/support/tiny_models.py: hidden 256, 4 layers, 8 heads, 4 kv heads, head_dim 32, vocab 8192, cached on disk).
 
   .venv/bin/python benchmarks/offline_throughput.py --vllm-python /tmp/vllm-peer/venv/bin/python
@@ -55,7 +56,7 @@ def make_prompts(n, length, vocab, seed, low=3):
 
 
 def model_folder(name, cache_dir):
-    if name == "smollm2":
+    if name in ("smollm2", "smollm2-gguf"):
         from common.models.gguf import default_gguf_path, gguf_to_hf_folder
         return gguf_to_hf_folder(default_gguf_path())
     if name == "qwen3-tiny":
@@ -67,7 +68,15 @@ def model_folder(name, cache_dir):
         return folder
     if os.path.isdir(name):
         return name
-    raise SystemExit(f"unknown model {name!r}: smollm2, qwen3-tiny or an HF folder")
+    raise SystemExit(f"unknown model {name!r}: smollm2, smollm2-gguf, qwen3-tiny or an HF folder")
+
+
+def engine_source(name, folder):
+    """What nano-pd loads: the GGUF file itself for smollm2-gguf, else the folder the peers load."""
+    if name == "smollm2-gguf":
+        from common.models.gguf import default_gguf_path
+        return default_gguf_path()
+    return folder
 
 
 def hf_config(folder):
@@ -248,7 +257,7 @@ def main():
     ap.add_argument("--input-len", type=int, default=128)
     ap.add_argument("--output-len", type=int, default=128)
     ap.add_argument("--dtype", default="bfloat16", choices=list(DTYPES))
-    ap.add_argument("--models", default="smollm2,qwen3-tiny", help="comma list: smollm2, qwen3-tiny, HF folders")
+    ap.add_argument("--models", default="smollm2,qwen3-tiny", help="comma list: smollm2, smollm2-gguf, qwen3-tiny, HF folders")
     ap.add_argument("--repeat", type=int, default=2, help="timed runs of nano-pd and vLLM (best kept)")
     ap.add_argument("--hf-repeat", type=int, default=1, help="timed runs of HF generate (best kept)")
     ap.add_argument("--max-num-batched-tokens", type=int, default=2048)
@@ -270,7 +279,8 @@ def main():
     workdir = tempfile.mkdtemp(prefix="offline_throughput-")
     tables, floors = [], []
     for name in a.models.split(","):
-        folder = model_folder(name.strip(), a.cache_dir)
+        name = name.strip()
+        folder = model_folder(name, a.cache_dir)
         vocab = hf_config(folder)["vocab_size"]
         rows = {}
         if a.vllm_python:
@@ -279,7 +289,7 @@ def main():
         floor = {}
         for mode in a.decode_modes:
             print(f"[{name}] nano-pd {mode} ...", flush=True)
-            rows[f"nano-pd {a.dtype} {mode}"], floor[mode] = bench_ours(a, folder, vocab, mode)
+            rows[f"nano-pd {a.dtype} {mode}"], floor[mode] = bench_ours(a, engine_source(name, folder), vocab, mode)
         hf_fwd = {}
         if not a.no_hf:
             for dt in dict.fromkeys(["float32", a.dtype]):
@@ -291,7 +301,7 @@ def main():
     in_tok = a.n * a.input_len
     print(f"\n== offline throughput: {a.n} prompts x {a.input_len} in x {a.output_len} out, greedy, ignore_eos "
           f"(best of {a.repeat} nano-pd/vLLM, {a.hf_repeat} HF) ==")
-    hdr = (f"{'model':<11} {'engine':<26} {'wall s':>8} {'out tok/s':>10} {'total tok/s':>12} {'x HF fp32':>10} "
+    hdr = (f"{'model':<12} {'engine':<26} {'wall s':>8} {'out tok/s':>10} {'total tok/s':>12} {'x HF fp32':>10} "
            f"{'x vLLM':>7} {'start s':>8}")
     print(hdr + "\n" + "-" * len(hdr))
     for name, rows in tables:
@@ -299,12 +309,12 @@ def main():
         vl = rows.get(f"vLLM-CPU {a.dtype}")
         for engine, r in rows.items():
             if r is None:
-                print(f"{name:<11} {engine:<26} {'failed (see above)':>30}")
+                print(f"{name:<12} {engine:<26} {'failed (see above)':>30}")
                 continue
             x_hf = f"{hf32['wall'] / r['wall']:.2f}" if hf32 else "-"
             x_vl = f"{vl['wall'] / r['wall']:.2f}" if vl else "-"
             start = r.get("start", r.get("init"))
-            print(f"{name:<11} {engine:<26} {r['wall']:8.2f} {r['out'] / r['wall']:10.1f} "
+            print(f"{name:<12} {engine:<26} {r['wall']:8.2f} {r['out'] / r['wall']:10.1f} "
                   f"{(r['out'] + in_tok) / r['wall']:12.1f} {x_hf:>10} {x_vl:>7} "
                   f"{'-' if start is None else f'{start:.1f}':>8}")
     for name, rows in tables:
@@ -313,13 +323,13 @@ def main():
             print(f"  ({name}: vLLM's prompt tokens from its prefix cache: {vl['cached']})")
 
     print(f"\n== decode floor: one step with {a.n} sequences decoding (median of {a.floor_iters}) ==")
-    hdr = (f"{'model':<11} {'mode':<8} {'ctx':>4} {'nano-pd step ms':>16} {'nano-pd fwd ms':>15} "
+    hdr = (f"{'model':<12} {'mode':<8} {'ctx':>4} {'nano-pd step ms':>16} {'nano-pd fwd ms':>15} "
            f"{'HF fwd ' + a.dtype + ' ms':>18} {'HF fwd fp32 ms':>15} {'step/HF fwd':>12}")
     print(hdr + "\n" + "-" * len(hdr))
     for name, by_mode, hf in floors:
         same = hf.get(a.dtype)
         for mode, fl in by_mode.items():
-            print(f"{name:<11} {mode:<8} {fl['ctx']:>4} {fl['step'] * 1e3:16.1f} {fl['fwd'] * 1e3:15.1f} "
+            print(f"{name:<12} {mode:<8} {fl['ctx']:>4} {fl['step'] * 1e3:16.1f} {fl['fwd'] * 1e3:15.1f} "
                   f"{(same or 0) * 1e3:18.1f} {hf.get('float32', 0) * 1e3:15.1f} "
                   f"{(fl['step'] / same if same else float('nan')):12.2f}")
     print("  (nano-pd fwd = our model's forward + logits inside the step; HF fwd = model(input_ids=[N,1], "
