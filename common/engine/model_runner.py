@@ -11,7 +11,7 @@ from common.engine.compiled_step import CompiledDecode, resolve_mode
 from common.engine.config import EngineConfig
 from common.engine.kv_cache import KVCache
 from common.layers import paged_attention_cpu
-from common.layers.attention import AttentionMetadata, KernelInputs, PrefillChunk
+from common.layers.attention import AttentionMetadata, KernelInputs, PrefillChunk, kernels_available
 from common.engine.sampler import sample
 from common.models.loader import load_weights
 from common.layers.packed_linear import can_pack, prepack_linears
@@ -160,8 +160,8 @@ class ModelRunner:
             table = tables[i, :-(-(cached + n) // bs)].to(dev) if cached else None
             meta.prefills.append(PrefillChunk(offset, offset + n, cached + n, table))
             offset += n
-        if dev.type == "cpu" and paged_attention_cpu.available():  # else no step pays for inputs nothing reads
-            meta.kernel = self._kernel_inputs(tables, torch.tensor(starts) + counts_t, counts_t, len(decodes))
+        if kernels_available(dev):  # else no step pays for inputs nothing reads
+            meta.kernel = self._kernel_inputs(tables, torch.tensor(starts) + counts_t, counts_t, len(decodes), dev)
         # a sequence samples once all its tokens are computed; its logits come from its last token, and from each
         # draft position too when it verifies speculative tokens
         sample_rows, sample_seqs, sample_positions, offset = [], [], [], 0
@@ -177,16 +177,19 @@ class ModelRunner:
 
     @staticmethod
     def _kernel_inputs(tables: torch.Tensor, context_lens: torch.Tensor, counts: torch.Tensor,
-                       num_decode: int) -> KernelInputs:
-        """The paged-attention kernels' view of the batch (decode rows first, then the prefill chunks)."""
-        lens = context_lens.to(torch.int32)
+                       num_decode: int, device: torch.device) -> KernelInputs:
+        """The paged-attention kernels' view of the batch (decode rows first, then the prefill chunks), built on
+        the CPU and moved to the device of the kernels that read it."""
+        def int32(t):
+            return t.to(device=device, dtype=torch.int32)
+
         chunks = counts[num_decode:]
         return KernelInputs(
-            decode_block_tables=tables[:num_decode].to(torch.int32) if num_decode else None,
-            decode_context_lens=lens[:num_decode] if num_decode else None,
-            prefill_block_tables=tables[num_decode:].to(torch.int32) if len(chunks) else None,
-            cu_seqlens_q=F.pad(chunks.cumsum(0), (1, 0)).to(torch.int32) if len(chunks) else None,
-            prefill_context_lens=lens[num_decode:] if len(chunks) else None)
+            decode_block_tables=int32(tables[:num_decode]) if num_decode else None,
+            decode_context_lens=int32(context_lens[:num_decode]) if num_decode else None,
+            prefill_block_tables=int32(tables[num_decode:]) if len(chunks) else None,
+            cu_seqlens_q=int32(F.pad(chunks.cumsum(0), (1, 0))) if len(chunks) else None,
+            prefill_context_lens=int32(context_lens[num_decode:]) if len(chunks) else None)
 
     def _forward(self, input_ids, positions, meta: AttentionMetadata) -> torch.Tensor:
         if self.decode_step is not None and self.decode_step.supports(meta):

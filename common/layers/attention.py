@@ -1,18 +1,20 @@
-"""Attention over the paged KV cache: C++ kernels on CPU, the portable torch path elsewhere and as the fallback.
+"""Attention over the paged KV cache: C++ kernels on CPU, Triton kernels on CUDA, the torch path as the fallback.
 
 New keys and values are written to their slots first, then every query attends through its block table. On CPU
 (fp32/bf16) that is the C++ kernels of paged_attention_cpu.py, which read K/V where they lie in the pool: one call
 for all decode queries and one for all prefill chunks of a step, with the inputs the runner prepared once per step
-(AttentionMetadata.kernel). Elsewhere, or without a built kernel, the torch path: decode queries (one new token
-each) run as one batched gather + SDPA, with the query heads of one KV head folded into the query-length dimension
-so grouped-query attention needs no repeated K/V; prefill chunks run one sequence at a time: a chunk with no
-cached context uses its own fresh K/V with a causal mask, otherwise it reads its whole context back from the
-blocks.
+(AttentionMetadata.kernel). On CUDA the same two calls go to the Triton kernels of triton_paged_attention.py (same
+inputs), imported only once a step runs on CUDA, so a CPU process never loads triton. Elsewhere, or without a kernel
+for the tensors, the torch path: decode queries (one new token each) run as one batched gather + SDPA, with the
+query heads of one KV head folded into the query-length dimension so grouped-query attention needs no repeated
+K/V; prefill chunks run one sequence at a time: a chunk with no cached context uses its own fresh K/V with a
+causal mask, otherwise it reads its whole context back from the blocks.
 
 A decode-only batch run by a compiled step (`common/engine/compiled_step.py`) reaches the cache through one opaque custom
 op per layer: the compiler then neither traces the scattered cache writes (a traced in-place write into a view of
 the pool makes it copy the pool) nor specialises on the context length.
 """
+import logging
 from dataclasses import dataclass, field
 
 import torch
@@ -20,7 +22,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from common.layers import opaque_ops
-from common.layers.paged_attention_cpu import paged_attention_decode, paged_attention_prefill, use_kernel
+from common.layers import paged_attention_cpu
+from common.layers.paged_attention_cpu import use_kernel
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -33,7 +38,7 @@ class PrefillChunk:
 
 @dataclass
 class KernelInputs:
-    """What the paged-attention kernels read, built once per step (int32, on the CPU)."""
+    """What the paged-attention kernels read, built once per step (int32, on the step's device)."""
     decode_block_tables: torch.Tensor | None  # [num_decode, max_blocks]
     decode_context_lens: torch.Tensor | None  # [num_decode]: tokens each decode query sees, its own included
     prefill_block_tables: torch.Tensor | None  # [num_prefills, max_blocks]
@@ -49,7 +54,42 @@ class AttentionMetadata:
     decode_mask: torch.Tensor | None = None  # [num_decode, 1, 1, max_blocks * block_size], True = attend
     prefills: list[PrefillChunk] = field(default_factory=list)
     opaque: bool = False  # a compiled decode-only step: attend through the nano_pd::paged_decode op
-    kernel: KernelInputs | None = None  # set where the paged-attention kernels may run (CPU, kernel built)
+    kernel: KernelInputs | None = None  # set where the paged-attention kernels may run (kernels_available)
+
+
+_triton_kernels = None  # the Triton module once imported; False: triton is not importable
+
+
+def _cuda_kernels():
+    """triton_paged_attention, imported on first use (CUDA only: CPU processes never import triton), or None."""
+    global _triton_kernels
+    if _triton_kernels is None:
+        try:
+            from common.layers import triton_paged_attention
+            _triton_kernels = triton_paged_attention
+        except ImportError as e:
+            log.warning("Triton paged-attention kernels unavailable (%s); using the torch path on CUDA", e)
+            _triton_kernels = False
+    return _triton_kernels or None
+
+
+def kernels_available(device: torch.device) -> bool:
+    """Whether a step on this device should build KernelInputs: the C++ kernels are built (CPU) or triton
+    imports (CUDA)."""
+    if device.type == "cpu":
+        return paged_attention_cpu.available()
+    return device.type == "cuda" and _cuda_kernels() is not None
+
+
+def _kernels_for(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor):
+    """The kernel module that takes these tensors (both have the same two calls), or None for the torch path."""
+    if use_kernel(q, k_cache, v_cache):
+        return paged_attention_cpu
+    if q.is_cuda:
+        kernels = _cuda_kernels()
+        if kernels is not None and kernels.supports(q, k_cache, v_cache):
+            return kernels
+    return None
 
 
 
@@ -74,11 +114,12 @@ class PagedAttention(nn.Module):
             n = meta.num_decode
             out[:n] = self.decode(q[:n], meta.decode_block_tables, meta.decode_mask, tables, lens).view(
                 n, self.num_heads, -1)
-        if meta.prefills and kin is not None and use_kernel(q, self.k_cache, self.v_cache):
+        kernels = _kernels_for(q, self.k_cache, self.v_cache) if meta.prefills and kin is not None else None
+        if kernels is not None:
             start = meta.prefills[0].start
-            out[start:] = paged_attention_prefill(q[start:].contiguous(), self.k_cache, self.v_cache,
-                                                  kin.prefill_block_tables, kin.cu_seqlens_q, kin.prefill_context_lens,
-                                                  self.scale)
+            out[start:] = kernels.paged_attention_prefill(q[start:].contiguous(), self.k_cache, self.v_cache,
+                                                          kin.prefill_block_tables, kin.cu_seqlens_q,
+                                                          kin.prefill_context_lens, self.scale)
             return out.flatten(1)
         kc, vc = self.k_cache, self.v_cache
         for chunk in meta.prefills:
@@ -108,9 +149,10 @@ class PagedAttention(nn.Module):
         """One query token per sequence, all sequences in one kernel call (given the kernel's int32 tables and
         context lengths) or one SDPA: [n, heads, d] -> [n, heads * d]."""
         n = q.shape[0]
-        if context_lens is not None and use_kernel(q, self.k_cache, self.v_cache):
-            return paged_attention_decode(q.contiguous(), self.k_cache, self.v_cache, kernel_tables, context_lens,
-                                          self.scale).view(n, -1)
+        kernels = _kernels_for(q, self.k_cache, self.v_cache) if context_lens is not None else None
+        if kernels is not None:
+            return kernels.paged_attention_decode(q.contiguous(), self.k_cache, self.v_cache, kernel_tables,
+                                                  context_lens, self.scale).view(n, -1)
         # [n, blocks, block_size, kv_heads, d] -> [n, kv_heads, context, d]
         ctx_k = self.k_cache[block_tables].flatten(1, 2).transpose(1, 2)
         ctx_v = self.v_cache[block_tables].flatten(1, 2).transpose(1, 2)
