@@ -113,8 +113,9 @@ def test_engine_through_triton_kernels_equals_torch_path(tiny_model_factory, mon
     def run(kernels):
         monkeypatch.setattr(attention, "_kernels_for", lambda q, k, v: kernels)
         monkeypatch.setattr(model_runner, "kernels_available", lambda device: kernels is not None)
+        # a budget of 24 tokens chunks the prefills beside running decodes
         llm = LLM(model, dtype="float32", max_model_len=128, num_kv_blocks=32, block_size=16,
-                  max_num_batched_tokens=24, decode_mode="eager", device=DEVICE)  # chunks prefills beside running decodes
+                  max_num_batched_tokens=24, decode_mode="eager", device=DEVICE)
         return llm.generate(prompts, params, use_tqdm=False), llm.engine.stats()
 
     (want, _), (got, stats) = run(None), run(tpa)
