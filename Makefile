@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup kernels run chat test test-fast bench clean
+.PHONY: setup kernels run chat test test-fast bench gpu-wheels gpu-check clean
 
 setup: $(VENV)/.installed
 
@@ -40,6 +40,14 @@ test-fast: kernels
 
 bench: kernels
 	$(PY) benchmarks/offline_throughput.py
+
+# the GPU check (benchmarks/gpu_check.py): gpu-wheels here fetches what a GPU machine's image lacks into
+# .gpu_wheels/; gpu-check there runs every step with that machine's own python3 (not .venv, which is this CPU's)
+gpu-wheels: setup
+	bash benchmarks/gpu_wheels.sh
+
+gpu-check:
+	bash benchmarks/gpu_check.sh $(ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache
