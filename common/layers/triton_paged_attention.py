@@ -14,9 +14,9 @@ context_len - 1. Prefill tiles are laid out for the longest possible chunk (all 
 own chunk's end returns at once: that costs empty programs but no host read of the chunk lengths, which would
 stall the stream once per layer.
 
-This module imports triton; attention.py imports it only once a query is on CUDA, so CPU processes never load
-triton. Tests run it under Triton's interpreter (TRITON_INTERPRET=1) on CPU tensors. UNVERIFIED on a GPU: tile
-sizes are first guesses, never tuned.
+This module imports triton; attention.py imports it only once a step runs on CUDA, so CPU processes never load
+triton. The tests run it under Triton's interpreter (TRITON_INTERPRET=1) on CPU tensors; benchmarks/gpu_check.py
+runs the same cases compiled on CUDA. UNVERIFIED on a GPU: tile sizes are first guesses, never tuned.
 """
 from __future__ import annotations
 
@@ -33,7 +33,8 @@ LOG2_E = 1.4426950408889634
 _DOT_TYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 # Triton 3.9's interpreter multiplies bf16 tiles as their raw 16-bit integers (np.matmul on the storage), so
 # interpreted bf16 dots take their operands widened to fp32: exact for bf16 values, and the accumulation is fp32 on
-# a GPU too; only p is then not rounded to bf16 before the second product. Read when triton is, at import.
+# a GPU too; only p is then not rounded to bf16 before the second product. Read at import, as triton's decorator
+# reads it.
 _INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
