@@ -116,6 +116,10 @@ class DecodeWorker:
             for rid in cmd.request_ids:
                 self._abort(rid)
         elif isinstance(cmd, PeerGone):
+            # not reserved yet: it would ask the gone worker for its KV and hold blocks for a lease for nothing
+            for adm in [a for a in self.pending if a.msg.prefill_worker == cmd.worker_id]:
+                self.pending.remove(adm)
+                self._error(adm.msg.request_id, f"prefill worker {cmd.worker_id} is gone", retryable=True)
             for rid in [r for r, a in self.reserved.items() if a.msg.prefill_worker == cmd.worker_id]:
                 adm = self.reserved[rid]
                 if not adm.aborted:
@@ -133,6 +137,8 @@ class DecodeWorker:
         rid = msg.request_id
         if rid in self.reserved or rid in self.running or any(a.msg.request_id == rid for a in self.pending):
             return log.warning("duplicate admission %s ignored", rid)
+        if self.rt.draining:  # sent before the router heard of the drain: it goes to another worker
+            return self.rt.send_router(Rejected(self.rt.worker_id, rid, "decode worker is draining"))
         try:
             seq = self.engine.new_sequence(msg.token_ids, msg.params, rid, msg.num_generated)
         except InvalidRequestError as e:

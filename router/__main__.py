@@ -44,6 +44,9 @@ def main(argv=None):
                     help="seconds an idle connection stays open between requests")
     ap.add_argument("--max-connections", type=int, default=1000,
                     help="HTTP connections open at once; a request on one more gets a 503")
+    ap.add_argument("--drain-timeout", type=float, default=120.0,
+                    help="on SIGTERM the router answers new requests 503 and /ready 503, and exits once its open "
+                         "requests are done or after this many seconds (a second SIGTERM or Ctrl-C: at once)")
     ap.add_argument("--reasoning-parser", default=None, choices=["deepseek_r1", "qwen3"],
                     help="split <think>...</think> into reasoning_content (default: no split)")
     ap.add_argument("--tool-call-parser", default="hermes", choices=["hermes"],
@@ -75,7 +78,7 @@ def main(argv=None):
                      api_key=args.api_key, max_request_bytes=args.max_request_bytes, vocab_size=vocab_size,
                      reasoning_parser=args.reasoning_parser, tool_parser=args.tool_call_parser)
     serve(app, args.host, args.port, HTTPLimits(args.header_timeout, args.body_timeout, args.keep_alive_timeout,
-                                                 args.max_connections))
+                                                 args.max_connections), drain_timeout_s=args.drain_timeout)
 
 
 if __name__ == "__main__":

@@ -18,8 +18,9 @@ import zmq
 import zmq.asyncio
 
 from common.block_hash import block_hashes
-from common.cluster.protocol import (MIXED, PREFILL, Abort, Admit, Decoder, Heartbeat, KVTransferred, PeerGone,
-                                     Rejected, RouterInbound, Starting, TokenOutput, Tokens, encode, worth_logging)
+from common.cluster.protocol import (MIXED, PREFILL, Abort, Admit, Decoder, Drain, Heartbeat, KVTransferred, Leaving,
+                                     PeerGone, Rejected, RouterInbound, Starting, TokenOutput, Tokens, encode,
+                                     worth_logging)
 from common.sampling_params import SamplingParams
 from router import routing
 from router.registry import Worker, WorkerRegistry
@@ -136,6 +137,8 @@ class Cluster:
                         await self._on_output(out, sender)
                 elif isinstance(msg, Rejected):
                     await self._on_rejected(msg, sender)
+                elif isinstance(msg, Leaving):  # after its last tokens: what it still holds moves now
+                    await self._declare_dead(sender, f"it left ({msg.reason[:200]})", died=False)
                 elif isinstance(msg, KVTransferred) and self.metrics:
                     self.metrics.kv_transfer_bytes.inc(msg.num_bytes)
                     self.metrics.kv_transfer_seconds.observe(msg.seconds)
@@ -165,16 +168,25 @@ class Cluster:
         except zmq.ZMQError:
             pass
 
-    async def _declare_dead(self, worker: Worker, why: str):
+    async def _declare_dead(self, worker: Worker, why: str, died: bool = True):
+        """worker is gone (died: not by leaving): its peers drop what waits on it, and its requests move."""
         if not self.registry.mark_dead(worker):
             return
-        log.warning("worker %s is dead: %s; moving its %d requests", worker.worker_id, why, len(worker.inflight))
-        if self.metrics:
+        log.log(logging.WARNING if died or worker.inflight else logging.INFO, "worker %s is %s: %s; moving its %d "
+                "requests", worker.worker_id, "dead" if died else "gone", why, len(worker.inflight))
+        if self.metrics and died:
             self.metrics.worker_deaths.labels(role=worker.info.role).inc()
         for other in [w for w in self.registry.workers.values() if w.alive]:
             await self._send(other, PeerGone(worker.worker_id))
         for req in [r for r in self.requests.values() if r.decode is worker or (r.in_prefill and r.prefill is worker)]:
-            asyncio.create_task(self._reissue(req, f"{worker.info.role} worker {worker.worker_id} died"))
+            asyncio.create_task(self._reissue(req, f"{worker.info.role} worker {worker.worker_id} "
+                                                   f"{'died' if died else 'left'}"))
+
+    async def drain(self, worker: Worker):
+        """Send worker no new work from now on and ask it to drain (finish what it holds, then leave)."""
+        worker.draining = True
+        if not await self._send(worker, Drain()):
+            await self._declare_dead(worker, "its control socket is gone")
 
     # --- requests -------------------------------------------------------------------------------------------
     def _keep_waiting(self, since: float) -> bool:
@@ -235,12 +247,12 @@ class Cluster:
         first attempt goes to its leader's workers while they live."""
         decode, prefill = req.preferred if req.attempt == 0 else (None, None)
         tokens = req.prompt_ids + req.output_ids
-        if decode is None or not decode.alive:
+        if decode is None or not decode.takes_work:
             decode = routing.pick_decode(self.registry.decoders(), req.rejected_by, tokens)
         if decode is None or decode.info.role == MIXED:
             return decode, None
-        if prefill is None or not prefill.alive:
-            prefill, _ = routing.pick_prefill(self.registry.alive(PREFILL), tokens)
+        if prefill is None or not prefill.takes_work:
+            prefill, _ = routing.pick_prefill(self.registry.routable(PREFILL), tokens)
         return decode, prefill
 
     async def _dispatch(self, req: RequestState, wait: bool):

@@ -1,6 +1,7 @@
 """The worker registry: who joined (and who may), their heartbeats and loads, who is alive, and the cluster's health.
 
-A worker registers with its first heartbeat. One that misses heartbeats for heartbeat_timeout_s is declared dead;
+A worker registers with its first heartbeat. A draining one (its heartbeat says so, or the router asked it to) is
+alive but takes no new work. One that misses heartbeats for heartbeat_timeout_s, or says it is leaving, is dead;
 the dead stay listed for a minute (the /cluster page), then their cumulative counters join the per-role totals of
 `retired`, so the cluster's counters never go down.
 """
@@ -30,6 +31,7 @@ class Worker:
     load: WorkerLoad
     last_seen: float
     alive: bool = True
+    draining: bool = False  # finishing what it holds, then leaving: no new work goes to it
     inflight: set[str] = dataclasses.field(default_factory=set)  # request ids at this worker's stage
     assigned: int = 0  # requests ever routed here
     cached_prefix: OrderedDict[int, None] = dataclasses.field(default_factory=OrderedDict)  # prefill: LRU shadow
@@ -37,6 +39,10 @@ class Worker:
     @property
     def worker_id(self) -> str:
         return self.info.worker_id
+
+    @property
+    def takes_work(self) -> bool:
+        return self.alive and not self.draining
 
 
 class WorkerRegistry:
@@ -55,6 +61,10 @@ class WorkerRegistry:
     def alive(self, role: str) -> list[Worker]:
         return [w for w in self.workers.values() if w.alive and w.info.role == role]
 
+    def routable(self, role: str) -> list[Worker]:
+        """The workers of role new work may go to: alive and not draining."""
+        return [w for w in self.alive(role) if not w.draining]
+
     def sender(self, identity: bytes) -> Worker | None:
         """The live worker whose events socket has this identity (protocol.events_identity), or None."""
         worker_id = identity.decode(errors="replace").removesuffix("/events")
@@ -62,8 +72,9 @@ class WorkerRegistry:
         return worker if worker is not None and worker.alive and identity == events_identity(worker_id) else None
 
     def decoders(self) -> list[Worker]:
-        """The live workers an attempt can be sent to: mixed ones, and decode ones while a prefill worker lives."""
-        return (self.alive(DECODE) if self.alive(PREFILL) else []) + self.alive(MIXED)
+        """The workers an attempt can be sent to: mixed ones, and decode ones while a prefill worker takes work
+        (draining ones take none)."""
+        return (self.routable(DECODE) if self.routable(PREFILL) else []) + self.routable(MIXED)
 
     @property
     def healthy(self) -> bool:
@@ -75,10 +86,12 @@ class WorkerRegistry:
         return min(lens) if lens else None
 
     def missing_roles(self) -> str:
-        missing = [r for r in (PREFILL, DECODE) if not self.alive(r)]
-        if not missing or self.alive(MIXED):
+        missing = [r for r in (PREFILL, DECODE) if not self.routable(r)]
+        if not missing or self.routable(MIXED):
             return "cluster unavailable"
-        return f"no live {' or '.join(missing)} worker in the cluster"
+        draining = any(w.draining for r in missing for w in self.alive(r))
+        return f"no live {' or '.join(missing)} worker in the cluster" + (" (draining ones take no new work)"
+                                                                         if draining else "")
 
     def note_starting(self, identity: bytes, msg: Starting):
         """A worker announced that it is loading (common.cluster.runtime.announce_starting)."""
@@ -104,6 +117,8 @@ class WorkerRegistry:
             if not worker.alive:  # it was declared dead and its requests moved: it must not come back half-known
                 return Registered(False, "declared dead after missing heartbeats; restart it")
             worker.load, worker.last_seen = hb.load, now
+            # once draining, always: a beat sent before the worker got the router's Drain must not undo it
+            worker.draining = worker.draining or hb.draining
             return None
         error = self.registration_error(identity, info)
         if error:
@@ -111,7 +126,7 @@ class WorkerRegistry:
             if worth_logging(self.num_refused):  # a misconfigured worker beats twice a second
                 log.error("refusing worker %s: %s (%d refusals so far)", info.worker_id, error, self.num_refused)
             return Registered(False, error)
-        self.workers[info.worker_id] = Worker(info, hb.load, now)
+        self.workers[info.worker_id] = Worker(info, hb.load, now, draining=hb.draining)
         self.starting.pop(info.worker_id, None)
         if self._reference is None and info.role != MIXED:
             self._reference = (info.kv_transport, info.kv_layout_hash)
@@ -163,7 +178,8 @@ class WorkerRegistry:
     def snapshot(self) -> list[dict]:
         """The /cluster page's worker list."""
         now = time.monotonic()
-        return [{"worker_id": w.worker_id, "role": w.info.role, "alive": w.alive, "host": w.info.host,
+        return [{"worker_id": w.worker_id, "role": w.info.role, "alive": w.alive, "draining": w.draining,
+                 "host": w.info.host,
                  "pid": w.info.pid, "inbox": w.info.inbox, "kv_transport": w.info.kv_transport,
                  "weights": w.info.weights,
                  "num_blocks": w.info.num_blocks, "inflight": len(w.inflight), "assigned": w.assigned,

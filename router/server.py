@@ -1,6 +1,6 @@
-"""The HTTP front: middleware (auth, size limit, X-Request-Id), error bodies, the routes (/health, /v1/models,
-/metrics, /cluster, and /v1/chat/completions: router.serving_chat), the OpenAPI document, and the server's limits
-on slow or too many connections (serve)."""
+"""The HTTP front: middleware (auth, size limit, X-Request-Id), error bodies, the routes (/health, /ready,
+/v1/models, /metrics, /cluster, POST /admin/workers/{id}/drain, and /v1/chat/completions: router.serving_chat), the
+OpenAPI document, the server's limits on slow or too many connections, and its drain on SIGTERM (serve)."""
 from __future__ import annotations
 
 import contextlib
@@ -8,6 +8,8 @@ import dataclasses
 import hmac
 import json
 import logging
+import signal
+import time
 
 import h11
 from fastapi import FastAPI, Request
@@ -45,11 +47,47 @@ def create_app(cluster: Cluster, tokenizer, model_name: str, metrics: RouterMetr
 
     # no redirect to the slash-less path (an empty 307 a POST client cannot follow): routes answer on both
     app = FastAPI(title="nano-pd router", lifespan=lifespan, redirect_slashes=False)
+    app.state.drain = RouterDrain()
     _add_access_middleware(app, api_key, max_request_bytes)
+    app.add_middleware(DrainGate, drain=app.state.drain)
     _add_error_handlers(app)
     _add_routes(app, cluster, model_name, metrics, chat, max_request_bytes)
     _document(app)
     return app
+
+
+@dataclasses.dataclass
+class RouterDrain:
+    """The router's own drain: from its start (SIGTERM), new /v1 requests get a 503 and /ready fails; the server
+    exits once the API requests still open (streams included) are done, or at the drain timeout."""
+    draining: bool = False
+    since: float = 0.0
+    open_requests: int = 0  # /v1 requests being answered, counted until their last byte is sent
+
+    def begin(self):
+        if not self.draining:
+            self.draining, self.since = True, time.monotonic()
+
+
+class DrainGate:
+    """Pure ASGI middleware: counts the open /v1 requests and refuses new ones while the router drains. An http
+    middleware returns before a stream's body is sent, so only an ASGI one sees a stream end."""
+
+    def __init__(self, app, drain: RouterDrain):
+        self.app, self.drain = app, drain
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or not scope["path"].startswith("/v1"):
+            return await self.app(scope, receive, send)
+        if self.drain.draining:
+            response = error_response(503, "the router is shutting down; send the request to another replica",
+                                      "service_unavailable", headers={"Retry-After": str(RETRY_AFTER_S), **CLOSE})
+            return await response(scope, receive, send)
+        self.drain.open_requests += 1
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.drain.open_requests -= 1
 
 
 def _add_access_middleware(app: FastAPI, api_key: str | None, max_request_bytes: int):
@@ -58,7 +96,7 @@ def _add_access_middleware(app: FastAPI, api_key: str | None, max_request_bytes:
         """Bearer auth on /v1 routes, the size limit before the body is read, X-Request-Id echoed."""
         request_id = request.headers.get("x-request-id")
         response = None
-        if api_key and request.url.path.startswith("/v1"):
+        if api_key and request.url.path.startswith(("/v1", "/admin")):
             if not hmac.compare_digest(request.headers.get("authorization", ""), f"Bearer {api_key}"):
                 response = error_response(401, "Incorrect or missing API key (Authorization: Bearer ...).",
                                           code="invalid_api_key")
@@ -111,6 +149,13 @@ ERRORS_DOC = {status: {"description": what, "content": {"application/json": {"sc
                                    (415, "a Content-Type other than application/json"),
                                    (429, "overloaded (--max-queued-requests, --admit-timeout): retry after the "
                                          "Retry-After header's seconds"), (503, "the cluster cannot serve")]}
+DRAIN_DOC = {202: {"description": "the worker drains: no new work goes to it; it finishes what it holds, then exits",
+                   "content": {"application/json": {"schema": {
+                       "type": "object", "required": ["worker_id", "status"],
+                       "properties": {"worker_id": {"type": "string"}, "status": {"const": "draining"}}}}}},
+             401: ERRORS_DOC[401],
+             404: {"description": "no live worker has this id",
+                   "content": {"application/json": {"schema": _ref("ErrorResponse")}}}}
 # A validator that reads server-sent events (OpenAPI 3.2's itemSchema, a 3.1 schema by schemathesis's reading)
 # checks each event against the stream's schema: it describes the event, whose data is a chunk's JSON, the JSON
 # error that ends a failed stream, or the closing [DONE]. A chunk's schema there would fail every event.
@@ -136,6 +181,23 @@ def _add_routes(app: FastAPI, cluster: Cluster, model_name: str, metrics: Router
             return {"status": "ok"}
         return error_response(503, workers.missing_roles(), "service_unavailable")
 
+    @_route(app, "GET", "/ready")
+    async def ready():
+        """For load balancers: 200 only while this router takes new requests (not draining, and /health ok)."""
+        if app.state.drain.draining:
+            return error_response(503, "the router is draining: it finishes its open requests and takes no new "
+                                       "ones", "service_unavailable")
+        return await health()
+
+    @_route(app, "POST", "/admin/workers/{worker_id}/drain", status_code=202, responses=DRAIN_DOC)
+    async def drain_worker(worker_id: str):
+        """Ask a worker to drain: it gets no new work from now on, finishes what it holds, and exits."""
+        worker = workers.workers.get(worker_id)
+        if worker is None or not worker.alive:
+            return error_response(404, f"no live worker {worker_id!r} (see /cluster)", "not_found_error")
+        await cluster.drain(worker)
+        return JSONResponse({"worker_id": worker_id, "status": "draining"}, status_code=202)
+
     @_route(app, "GET", "/v1/models")
     async def models():
         return {"object": "list", "data": [{"id": model_name, "object": "model", "created": api.now(),
@@ -148,7 +210,8 @@ def _add_routes(app: FastAPI, cluster: Cluster, model_name: str, metrics: Router
     @_route(app, "GET", "/cluster")
     async def cluster_page():
         return {"healthy": workers.healthy, "requests": len(cluster.requests), "workers": workers.snapshot(),
-                "starting": sorted(workers.starting_roles())}
+                "starting": sorted(workers.starting_roles()), "draining": app.state.drain.draining,
+                "open_requests": app.state.drain.open_requests}
 
     @_route(app, "POST", "/v1/chat/completions", **CHAT_DOC)
     async def chat_completions(request: Request):
@@ -270,9 +333,37 @@ async def _too_many_connections(scope, receive, send):
     await response(scope, receive, send)
 
 
-def serve(app: FastAPI, host: str, port: int, limits: HTTPLimits = HTTPLimits()):
+# after a drain (or at its timeout) uvicorn closes the connections: this long for the last bytes to go out
+FINAL_SHUTDOWN_S = 5
+
+
+def serve(app: FastAPI, host: str, port: int, limits: HTTPLimits = HTTPLimits(), drain_timeout_s: float = 120.0):
+    """Serve app until SIGTERM or SIGINT: then drain (app.state.drain) for at most drain_timeout_s and exit; a
+    second signal stops at once."""
     import uvicorn
 
+    drain: RouterDrain = app.state.drain
+
+    class DrainingServer(uvicorn.Server):
+        def handle_exit(self, sig: int, frame):
+            # uvicorn's own stops listening at once and re-raises the signal after shutdown (exit status -15)
+            if drain.draining:
+                log.warning("%s during the drain: stopping now", signal.Signals(sig).name)
+                self.should_exit = self.force_exit = True
+                return
+            log.info("%s: draining (%d requests open, at most %g s)", signal.Signals(sig).name,
+                     drain.open_requests, drain_timeout_s)
+            drain.begin()
+
+        async def on_tick(self, counter: int) -> bool:
+            if drain.draining and not self.should_exit:
+                waited = time.monotonic() - drain.since
+                if drain.open_requests == 0 or waited >= drain_timeout_s:
+                    log.info("drained after %.1f s (%d requests still open); exiting", waited, drain.open_requests)
+                    self.should_exit = True
+            return await super().on_tick(counter)
+
     protocol = type("LimitedH11Protocol", (LimitedH11Protocol,), {"limits": limits})
-    uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=5, http=protocol,
-                ws="none", timeout_keep_alive=limits.keep_alive_s)
+    config = uvicorn.Config(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=FINAL_SHUTDOWN_S,
+                            http=protocol, ws="none", timeout_keep_alive=limits.keep_alive_s)
+    DrainingServer(config).run()

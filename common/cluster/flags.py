@@ -27,6 +27,11 @@ def add_worker_args(ap: argparse.ArgumentParser) -> argparse.ArgumentParser:
     ap.add_argument("--host", default="127.0.0.1", help="address to bind the worker's sockets on")
     ap.add_argument("--advertise-host", default=None, help="address peers use to reach this worker (default --host)")
     ap.add_argument("--kv-transport", default="auto", choices=KV_TRANSPORTS)
+    ap.add_argument("--drain-timeout", type=float, default=120.0,
+                    help="seconds a draining worker (SIGTERM, or the router's POST /admin/workers/ID/drain) has to "
+                         "finish what it holds; then it exits and the router moves the rest to other workers")
+    ap.add_argument("--health-port", type=int, default=0,
+                    help="serve GET /health and /ready on --host:PORT (probes for Kubernetes); 0: no HTTP server")
     add_engine_args(ap.add_argument_group("engine options"))
     ap.add_argument("--log-level", default="info")
     return ap

@@ -1,10 +1,12 @@
 """Every control message that crosses a process boundary, as msgspec structs (never pickle).
 
 Sockets (all ZeroMQ):
-  router  ROUTER  <- worker DEALER "control" (identity = worker id): Heartbeat up; Registered/Admit/Abort/PeerGone down
+  router  ROUTER  <- worker DEALER "control" (identity = worker id): Heartbeat up; Registered/Admit/Abort/PeerGone/
+                     Drain down
           ROUTER  <- worker DEALER "starting" (identity = starting_identity(worker id)): Starting, while it loads
           ROUTER  <- worker DEALER "events" (identity = events_identity(worker id)): Tokens, Rejected (decode),
-                     KVTransferred (prefill); the router takes them only from registered, live workers
+                     KVTransferred (prefill), Leaving (last); the router takes them only from registered, live
+                     workers
   worker  PULL "inbox" <- peers' PUSH: PrefillTask (decode -> prefill), PrefillDone (prefill -> decode)
 
 Each socket has one decoder for the union of what may arrive on it; anything else is dropped and logged.
@@ -64,6 +66,9 @@ class Heartbeat(msgspec.Struct, tag="heartbeat"):
     """Sent every HEARTBEAT_INTERVAL_S; the first one registers the worker (so a restarted router relearns all)."""
     info: WorkerInfo
     load: WorkerLoad
+    # the worker takes no new work (SIGTERM or Drain): it finishes what it holds, then leaves. In every beat, so a
+    # restarted router learns it too; a default, so a worker that predates draining still registers
+    draining: bool = False
 
 
 class Starting(msgspec.Struct, tag="starting"):
@@ -90,6 +95,13 @@ class TokenOutput(msgspec.Struct, array_like=True):
 class Tokens(msgspec.Struct, tag="tokens"):
     worker_id: str
     outputs: list[TokenOutput]
+
+
+class Leaving(msgspec.Struct, tag="leaving"):
+    """A worker's last message, after its last output on the same socket: it exits now, so the router moves what
+    it still holds (a drain that ran out of time, a forced stop) at once instead of after a heartbeat timeout."""
+    worker_id: str
+    reason: str
 
 
 class KVTransferred(msgspec.Struct, tag="kv_transferred"):
@@ -126,6 +138,10 @@ class Abort(msgspec.Struct, tag="abort"):
     request_ids: list[str]
 
 
+class Drain(msgspec.Struct, tag="drain"):
+    """Router -> worker (POST /admin/workers/{id}/drain): do what SIGTERM does, drain and exit."""
+
+
 class PeerGone(msgspec.Struct, tag="peer_gone"):
     """A worker was declared dead: drop what waits on it (nothing it owned can still touch our memory)."""
     worker_id: str
@@ -157,7 +173,7 @@ class PrefillDone(msgspec.Struct, tag="prefill_done"):
     logprobs: dict[int, float] | None = None  # of the first token
 
 
-RouterInbound = Heartbeat | Starting | Tokens | Rejected | KVTransferred
+RouterInbound = Heartbeat | Starting | Tokens | Rejected | KVTransferred | Leaving
 
 
 def events_identity(worker_id: str) -> bytes:

@@ -5,9 +5,16 @@ Heartbeats come from a thread of their own, so a long forward pass never makes a
 releases the GIL while it computes). That thread owns the worker's identity socket to the router and relays the
 router's commands to the main loop over an inproc socket; the main loop owns every other socket, so no ZMQ socket
 is ever touched by two threads.
+
+A worker leaves by draining (SIGTERM, SIGINT or the router's Drain): its heartbeats say so at once, so the router
+sends it no new work; it finishes what it holds, then exits. At --drain-timeout it exits with the rest, and its
+last message (Leaving) has the router move those requests elsewhere, as it moves a dead worker's. A second signal
+stops it at once (the router is told the same way). --health-port serves /health and /ready for probes.
 """
 from __future__ import annotations
 
+import http.server
+import json
 import logging
 import os
 import resource
@@ -21,8 +28,8 @@ import msgspec
 import zmq
 
 from common.names import served_model_name
-from common.cluster.protocol import (Abort, Decoder, Heartbeat, Registered, Starting, WorkerInfo, WorkerLoad, encode,
-                                     events_identity, starting_identity, worth_logging)
+from common.cluster.protocol import (Abort, Decoder, Drain, Heartbeat, Leaving, Registered, Starting, WorkerInfo,
+                                     WorkerLoad, encode, events_identity, starting_identity, worth_logging)
 
 HEARTBEAT_INTERVAL_S = 0.5
 # PUSH sockets kept open to peers' inboxes: far more than a cluster has workers, far fewer than a ZMQ context's
@@ -36,6 +43,12 @@ CONTEXT_SOCKETS = 4096
 # a socket with one connection holds two descriptors (its mailbox and the TCP connection); the KV transport's
 # context has its own 1023 slots. ZMQ aborts the process when it cannot get a descriptor for its internals
 OPEN_FILES_WANTED = 2 * (CONTEXT_SOCKETS + 1024) + 1024
+# how long what a leaving worker still queues (its last tokens, PrefillDone to peers, Leaving) may take to go out:
+# its sockets otherwise drop unsent messages on close (LINGER 0), and a drained request lost its last tokens
+FLUSH_ON_EXIT_MS = 1000
+# a drained worker stays this long holding nothing before it leaves: work the router sent before it heard of the
+# drain still arrives (and is done), peers finish the hand-offs it made, and a beat reports its final load
+DRAIN_SETTLE_S = 2 * HEARTBEAT_INTERVAL_S
 log = logging.getLogger("nano_pd.worker")
 
 
@@ -123,14 +136,23 @@ class WorkerRuntime:
         self.events.connect(self.router_endpoint)
         self.commands = self._socket(zmq.PULL)
         self.commands.bind("inproc://commands")
+        self._wake_heartbeat = self._socket(zmq.PUSH)  # a beat now, not at the next interval (a drain began)
+        self._wake_heartbeat.bind("inproc://wake-heartbeat")
         self._peers: dict[str, zmq.Socket] = {}  # inbox endpoint -> PUSH, least recently used first
         self.num_bad_peer_endpoints = 0
         self._poller = zmq.Poller()
         self._poller.register(self.commands, zmq.POLLIN)
         self._poller.register(self.inbox, zmq.POLLIN)
-        self._command_decoder = Decoder(commands | Registered, "router commands")
+        self._command_decoder = Decoder(commands | Registered | Drain, "router commands")
         self._peer_decoder = Decoder(inbox, "worker inbox")
         self.stopping = False
+        self.drain_timeout_s = args.drain_timeout
+        self.draining = False
+        self._drain_asked = ""  # set by a signal handler (which must not touch sockets), acted on by the main loop
+        self._drain_deadline = 0.0
+        self._holding_nothing_since: float | None = None
+        self._leaving_reason = "stopped"
+        self._health_server: http.server.ThreadingHTTPServer | None = None
         self.registrations = 0  # routers that accepted this worker: a second one means the router restarted
         self.info: WorkerInfo | None = None
         self._thread: threading.Thread | None = None
@@ -158,7 +180,9 @@ class WorkerRuntime:
         self._thread = threading.Thread(target=self._control_loop, args=(load_fn,), daemon=True, name="heartbeat")
         self._thread.start()
         for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, lambda *_: self.stop())
+            signal.signal(sig, self._on_signal)
+        if self.args.health_port:
+            self._start_health_server(self.args.health_port)
         log.info("%s started: inbox %s, router %s, %d KV blocks, transport %s, weights %s", self.worker_id,
                  self.inbox_endpoint, self.router_endpoint, self.info.num_blocks, kv_transport, self.info.weights)
 
@@ -178,18 +202,27 @@ class WorkerRuntime:
         control.connect(self.router_endpoint)
         relay = self._socket(zmq.PUSH)
         relay.connect("inproc://commands")
+        wake = self._socket(zmq.PULL)
+        wake.connect("inproc://wake-heartbeat")
+        poller = zmq.Poller()
+        poller.register(control, zmq.POLLIN)
+        poller.register(wake, zmq.POLLIN)
         next_beat = time.monotonic()
         try:
             while not self.stopping:
                 now = time.monotonic()
                 if now >= next_beat:
                     try:
-                        control.send(encode(Heartbeat(self.info, load_fn())), zmq.NOBLOCK)
+                        control.send(encode(Heartbeat(self.info, load_fn(), self.draining)), zmq.NOBLOCK)
                     except zmq.Again:
                         pass  # router unreachable and our queue full: later beats will tell it
                     next_beat = now + HEARTBEAT_INTERVAL_S
-                if control.poll(max(1, int((next_beat - now) * 1000))):
+                ready = dict(poller.poll(max(1, int((next_beat - now) * 1000))))
+                if control in ready:
                     relay.send(control.recv())
+                if wake in ready:
+                    wake.recv()
+                    next_beat = time.monotonic()
         except zmq.ContextTerminated:
             pass
         except Exception:  # a worker that cannot heartbeat would be declared dead anyway: stop it visibly
@@ -198,6 +231,7 @@ class WorkerRuntime:
         finally:
             control.close()
             relay.close()
+            wake.close()
 
     def serve(self, role: "Role"):
         """The one worker loop: router commands and peer messages in, then the role's step, until stop(); the
@@ -205,6 +239,8 @@ class WorkerRuntime:
         progresses only when polled)."""
         try:
             while not self.stopping:
+                if self._drain_asked and not self.draining:
+                    self.begin_drain(self._drain_asked)
                 idle_ms = 0 if self.engine.has_unfinished() else 1 if role.transfers_in_flight() else 20
                 registrations = self.registrations
                 commands, messages = self.poll(idle_ms)
@@ -219,6 +255,8 @@ class WorkerRuntime:
                 for msg in messages:
                     role.on_message(msg)
                 role.step()
+                if self.draining and self._may_leave(role):
+                    break
         finally:
             role.close()
             self.close()
@@ -242,6 +280,8 @@ class WorkerRuntime:
                         log.error("the router refused this worker: %s", msg.error)
                         raise SystemExit(2)
                     self.registrations += 1
+                elif isinstance(msg, Drain):
+                    self.begin_drain("the router's drain command")
                 elif msg is not None:
                     out.append(msg)
                 elif len(frames) != 1:  # counted and logged like undecodable ones: a flood must not flood the log
@@ -295,6 +335,82 @@ class WorkerRuntime:
         if sock is not None:
             sock.close()
 
+    # --- leaving --------------------------------------------------------------------------------------------
+    def _on_signal(self, signum: int, _frame):
+        if self.draining or self._drain_asked:  # the second signal: the operator wants it gone now
+            self._leaving_reason = f"stopped by a second {signal.Signals(signum).name} during its drain"
+            self.stop()
+        else:
+            self._drain_asked = signal.Signals(signum).name
+
+    def begin_drain(self, why: str):
+        """Take no new work from now on, and say so in a heartbeat now; serve leaves once nothing is held or at
+        the drain deadline."""
+        if self.draining:
+            return
+        self.draining = True
+        self._drain_deadline = time.monotonic() + self.drain_timeout_s
+        log.info("draining (%s): finishing what this worker holds, for at most %g s", why, self.drain_timeout_s)
+        try:
+            self._wake_heartbeat.send(b"", zmq.NOBLOCK)
+        except zmq.Again:
+            pass  # no heartbeat thread (yet): the first beat carries the flag
+
+    def _may_leave(self, role: "Role") -> bool:
+        """Whether a draining worker leaves now: it holds nothing more, or its time is up (the router then moves
+        what it still holds, as it moves a dead worker's requests)."""
+        held, now = role.request_ids(), time.monotonic()
+        if held or role.transfers_in_flight():
+            self._holding_nothing_since = None
+            if now < self._drain_deadline:
+                return False
+            self._leaving_reason = f"drain timeout ({self.drain_timeout_s:g} s) with {len(held)} requests held"
+            log.warning("drain timed out: handing %d requests back to the router", len(held))
+        else:
+            if self._holding_nothing_since is None:
+                self._holding_nothing_since = now
+            if now - self._holding_nothing_since < DRAIN_SETTLE_S and now < self._drain_deadline:
+                return False
+            self._leaving_reason = "drained"
+        log.info("leaving the cluster: %s", self._leaving_reason)
+        return True
+
+    def _start_health_server(self, port: int):
+        """GET /health: 200 while the heartbeat thread runs; GET /ready: 200 only while a router has accepted this
+        worker and it takes new work (not draining). Served by a daemon thread; the stdlib is enough for a probe."""
+        runtime = self
+
+        class Probe(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                status, answer = runtime.probe(self.path)
+                body = json.dumps({"status": answer}).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *_):  # a probe every few seconds would flood the worker's log
+                pass
+
+        self._health_server = http.server.ThreadingHTTPServer((self.args.host, port), Probe)
+        self._health_server.daemon_threads = True
+        threading.Thread(target=self._health_server.serve_forever, daemon=True, name="health").start()
+        log.info("probes on http://%s:%d/health and /ready", self.args.host, port)
+
+    def probe(self, path: str) -> tuple[int, str]:
+        """(HTTP status, what it says) of the probe at path."""
+        alive = self._thread is not None and self._thread.is_alive() and not self.stopping
+        if path not in ("/health", "/ready"):
+            return 404, "not found"
+        if not alive:
+            return 503, "stopping"
+        if path == "/health":
+            return 200, "ok"
+        if self.draining:
+            return 503, "draining"
+        return (200, "ready") if self.registrations else (503, "not registered")
+
     def stop(self):
         self.stopping = True
 
@@ -302,9 +418,14 @@ class WorkerRuntime:
         self.stopping = True
         if self._thread is not None:
             self._thread.join(timeout=2)
-        for s in self._peers.values():
-            s.close()
-        for s in (self.inbox, self.events, self.commands):
+        if self._health_server is not None:
+            self._health_server.shutdown()
+            self._health_server.server_close()
+        if self.info is not None:  # it registered (start): the router hears why it goes, after its last tokens
+            self.send_router(Leaving(self.worker_id, self._leaving_reason))
+        for s in (*self._peers.values(), self.events):
+            s.close(linger=FLUSH_ON_EXIT_MS)
+        for s in (self.inbox, self.commands, self._wake_heartbeat):
             s.close()
         self.ctx.term()
         self.engine.close()

@@ -186,12 +186,13 @@ def test_schemathesis_against_the_served_document(cluster, http, greedy_answer, 
                                            config=schemathesis.Config.from_dict(SCHEMATHESIS_CONFIG))
     operations = [result.ok() for result in schema.get_all_operations()]
     assert {(op.method.upper(), op.path) for op in operations} == {
-        ("GET", "/health"), ("GET", "/v1/models"), ("GET", "/metrics"), ("GET", "/cluster"), ("POST", CHAT)}
+        ("GET", "/health"), ("GET", "/ready"), ("GET", "/v1/models"), ("GET", "/metrics"), ("GET", "/cluster"),
+        ("POST", "/admin/workers/{worker_id}/drain"), ("POST", CHAT)}
     checks = BASE_CHECKS + ([negative_data_rejection] if mode is GenerationMode.NEGATIVE else [])
     with requests.Session() as session:
         for op in operations:
             if mode is GenerationMode.NEGATIVE and op.path != CHAT:
-                continue  # the GETs take no parameter and no body: there is nothing to make invalid
+                continue  # no other operation takes a body (the admin one a path id only): nothing to make invalid
             examples = SERVED_EXAMPLES if op.path == CHAT else 3
             statuses = fuzz(op, mode, examples, cluster.base_url, session, max_model_len, checks)
             assert sum(statuses.values()) >= (SERVED_EXAMPLES // 2 if op.path == CHAT else 1), (op.path, statuses)

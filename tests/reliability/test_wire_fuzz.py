@@ -42,9 +42,9 @@ import msgspec
 import pytest
 import zmq
 
-from common.cluster.protocol import (Abort, Admit, Heartbeat, KVTransferred, PeerGone, PrefillDone, PrefillTask,
-                                     Registered, Rejected, Starting, TokenOutput, Tokens, WorkerInfo, WorkerLoad,
-                                     encode, events_identity, starting_identity)
+from common.cluster.protocol import (Abort, Admit, Drain, Heartbeat, KVTransferred, Leaving, PeerGone, PrefillDone,
+                                     PrefillTask, Registered, Rejected, Starting, TokenOutput, Tokens, WorkerInfo,
+                                     WorkerLoad, encode, events_identity, starting_identity)
 from common.cluster.runtime import MAX_PEER_SOCKETS
 from common.engine_args import EngineArgs
 from common.sampling_params import GrammarSpec, SamplingParams
@@ -417,10 +417,10 @@ def protocol_samples(layout: KVLayout) -> list[bytes]:
     load = WorkerLoad(*range(1, 13))
     output = TokenOutput("r-0#0", [1, 2], "stop", None, False, 3, [{1: -0.5}, {2: -0.1}], 4, 2, True)
     meta = ZmqPeerInfo(name="fuzz-sample", layout=layout, num_blocks=8, endpoint="tcp://127.0.0.1:9")
-    structs = [Heartbeat(info, load), Starting("fuzz-sample", "prefill"), Tokens("fuzz-sample", [output]),
-               KVTransferred(100, 0.5), Rejected("fuzz-sample", "r-0#0", "full"), Registered(False, "no"),
-               Admit("r-0#0", [1, 2, 3], params, "fuzz-sample", "tcp://127.0.0.1:9", 1), Abort(["r-0#0"]),
-               PeerGone("fuzz-sample"),
+    structs = [Heartbeat(info, load, True), Starting("fuzz-sample", "prefill"), Tokens("fuzz-sample", [output]),
+               KVTransferred(100, 0.5), Rejected("fuzz-sample", "r-0#0", "full"), Leaving("fuzz-sample", "drained"),
+               Registered(False, "no"), Admit("r-0#0", [1, 2, 3], params, "fuzz-sample", "tcp://127.0.0.1:9", 1),
+               Abort(["r-0#0"]), PeerGone("fuzz-sample"), Drain(),
                PrefillTask("r-0#0", [1, 2, 3], params, 1, 0, [4], "fuzz-sample", "tcp://127.0.0.1:9", b"\x01junk", 30),
                PrefillDone("r-0#0", 5, None, 3, {5: -0.2}), PrefillDone("r-0#0", error="failed"),
                info, load, output, meta, layout,

@@ -42,7 +42,8 @@ def test_health_and_cluster_page_without_workers(client):
     assert r.status_code == 503
     assert r.json()["error"] == {"message": "no live prefill or decode worker in the cluster",
                                  "type": "service_unavailable", "param": None, "code": None}
-    assert client.get("/cluster").json() == {"healthy": False, "requests": 0, "workers": [], "starting": []}
+    assert client.get("/cluster").json() == {"healthy": False, "requests": 0, "workers": [], "starting": [],
+                                             "draining": False, "open_requests": 0}
 
 
 def test_models(client):
