@@ -7,12 +7,14 @@ worker's series disappear, its counters stay in the cluster totals).
 """
 from __future__ import annotations
 
+import dataclasses
+
 import prometheus_client
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from common.cluster.protocol import ROLES
+from common.cluster.protocol import DECODE, MIXED, PREFILL, ROLES
 
 # no "<name>_created" series next to each counter: the exposition stays what existing dashboards read
 prometheus_client.disable_created_metrics()
@@ -80,6 +82,48 @@ class RouterMetrics:
         return generate_latest(self.registry).decode()
 
 
+@dataclasses.dataclass(frozen=True)
+class PoolSignals:
+    """One role's pool, summed over its workers that take new work (draining ones are on their way out): what
+    autoscaling reads (router.planner, and HPA/KEDA through /metrics)."""
+    workers: int = 0
+    running: int = 0
+    waiting: int = 0
+    queued_prompt_tokens: int = 0
+    prefill_tokens_per_s: float = 0.0  # each worker's prompt tokens / seconds of the steps computing them, summed
+    used_blocks: int = 0
+    total_blocks: int = 0
+
+    @property
+    def prefill_backlog_s(self) -> float | None:
+        """Seconds the pool needs for the prompt tokens it holds; None while it has some but no speed measured."""
+        if not self.queued_prompt_tokens:
+            return 0.0
+        return self.queued_prompt_tokens / self.prefill_tokens_per_s if self.prefill_tokens_per_s else None
+
+    @property
+    def kv_usage(self) -> float:
+        return self.used_blocks / self.total_blocks if self.total_blocks else 0.0
+
+
+COMPUTES_PROMPTS, HOLDS_DECODE_KV = (PREFILL, MIXED), (DECODE, MIXED)  # the roles each signal is reported for
+
+
+def pool_signals(workers) -> dict[str, PoolSignals]:
+    """Every role's PoolSignals from a WorkerRegistry (router.registry)."""
+    pools = {}
+    for role in ROLES:
+        loads = [w.load for w in workers.routable(role)]
+        pools[role] = PoolSignals(
+            workers=len(loads), running=sum(x.num_running for x in loads),
+            waiting=sum(x.num_waiting for x in loads),
+            queued_prompt_tokens=sum(x.queued_prompt_tokens for x in loads),
+            prefill_tokens_per_s=sum(x.prefill_tokens / x.prefill_seconds for x in loads if x.prefill_seconds > 0),
+            used_blocks=sum(x.total_blocks - x.free_blocks for x in loads),
+            total_blocks=sum(x.total_blocks for x in loads))
+    return pools
+
+
 class ClusterCollector(Collector):
     """The per-worker and per-role series, read from the worker registry at each scrape: queue depths and KV usage
     of the live workers, and the cumulative counters of all workers plus those of retired ones."""
@@ -95,6 +139,7 @@ class ClusterCollector(Collector):
         families = self._families()
         if self.workers is not None:
             self._per_worker(families)
+            self._pools(families)
             self._totals(families)
         return list(families.values())
 
@@ -108,6 +153,24 @@ class ClusterCollector(Collector):
             "usage": GaugeMetricFamily("vllm:kv_cache_usage_perc", "Fraction of a worker's KV blocks in use.",
                                        labels=per_worker),
             "alive": GaugeMetricFamily("nano_pd:workers_alive", "Live workers by role.", labels=("role",)),
+            "pool_workers": GaugeMetricFamily("nano_pd:pool_workers", "Workers of a role that take new work (alive, "
+                                              "not draining): the pool the other nano_pd:pool_ series sum over.",
+                                              labels=per_role),
+            "pool_running": GaugeMetricFamily("nano_pd:pool_requests_running", "Requests running in a role's pool.",
+                                              labels=per_role),
+            "pool_waiting": GaugeMetricFamily("nano_pd:pool_requests_waiting", "Requests queued in a role's pool.",
+                                              labels=per_role),
+            "queued_prompt": GaugeMetricFamily("nano_pd:pool_queued_prompt_tokens", "Prompt tokens queued or in "
+                                               "prefill in a prompt-computing pool (prefill, mixed).",
+                                               labels=per_role),
+            "prefill_speed": GaugeMetricFamily("nano_pd:pool_prefill_tokens_per_second", "Measured prefill speed "
+                                               "of a prompt-computing pool: each worker's prompt tokens over the "
+                                               "seconds of its steps computing them, summed.", labels=per_role),
+            "backlog": GaugeMetricFamily("nano_pd:pool_prefill_backlog_seconds", "Queued prompt tokens over the "
+                                         "pool's measured prefill speed (absent while tokens are queued but no "
+                                         "speed is measured yet).", labels=per_role),
+            "pool_kv": GaugeMetricFamily("nano_pd:pool_kv_cache_usage_ratio", "KV blocks in use over KV blocks, "
+                                         "summed over a decoding pool (decode, mixed).", labels=per_role),
             "queries": CounterMetricFamily("vllm:prefix_cache_queries_total",
                                            "Prompt tokens looked up in the prefix caches (all workers of a role).",
                                            labels=per_role),
@@ -131,6 +194,20 @@ class ClusterCollector(Collector):
             families["usage"].add_metric(labels, 1 - load.free_blocks / load.total_blocks if load.total_blocks else 0)
         for role in ROLES:
             families["alive"].add_metric([role], sum(1 for w in live if w.info.role == role))
+
+    def _pools(self, families: dict):
+        for role, pool in pool_signals(self.workers).items():
+            labels = [self.model_name, role]
+            families["pool_workers"].add_metric(labels, pool.workers)
+            families["pool_running"].add_metric(labels, pool.running)
+            families["pool_waiting"].add_metric(labels, pool.waiting)
+            if role in COMPUTES_PROMPTS:
+                families["queued_prompt"].add_metric(labels, pool.queued_prompt_tokens)
+                families["prefill_speed"].add_metric(labels, pool.prefill_tokens_per_s)
+                if pool.prefill_backlog_s is not None:
+                    families["backlog"].add_metric(labels, pool.prefill_backlog_s)
+            if role in HOLDS_DECODE_KV:
+                families["pool_kv"].add_metric(labels, pool.kv_usage)
 
     def _totals(self, families: dict):
         """Every listed worker's cumulative counters, dead or alive, plus the retired ones': never going down."""

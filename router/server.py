@@ -1,6 +1,7 @@
 """The HTTP front: middleware (auth, size limit, X-Request-Id), error bodies, the routes (/health, /ready,
-/v1/models, /metrics, /cluster, POST /admin/workers/{id}/drain, and /v1/chat/completions: router.serving_chat), the
-OpenAPI document, the server's limits on slow or too many connections, and its drain on SIGTERM (serve)."""
+/v1/models, /metrics, /cluster, /debug/desired-replicas (router.planner), POST /admin/workers/{id}/drain, and
+/v1/chat/completions: router.serving_chat), the OpenAPI document, the server's limits on slow or too many
+connections, and its drain on SIGTERM (serve)."""
 from __future__ import annotations
 
 import contextlib
@@ -19,8 +20,9 @@ from starlette.requests import ClientDisconnect
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from router import openai_api as api
+from router import planner
 from router.cluster import RETRY_AFTER_S, Cluster
-from router.metrics import CONTENT_TYPE, RouterMetrics
+from router.metrics import CONTENT_TYPE, RouterMetrics, pool_signals
 from router.serving_chat import ChatCompletions
 
 log = logging.getLogger("nano_pd.router")
@@ -212,6 +214,21 @@ def _add_routes(app: FastAPI, cluster: Cluster, model_name: str, metrics: Router
         return {"healthy": workers.healthy, "requests": len(cluster.requests), "workers": workers.snapshot(),
                 "starting": sorted(workers.starting_roles()), "draining": app.state.drain.draining,
                 "open_requests": app.state.drain.open_requests}
+
+    window = planner.MetricWindow()
+
+    @_route(app, "GET", "/debug/desired-replicas")
+    async def desired_replicas(request: Request):
+        """The planner's replicas per role (router.planner); every call adds a sample of the pools to its window."""
+        try:
+            config = planner.PlannerConfig.from_query(dict(request.query_params))
+        except ValueError as e:
+            return error_response(400, str(e))
+        now = time.monotonic()
+        window.add(planner.Sample(now, pool_signals(workers)))
+        decisions = planner.desired_replicas(window.samples, now, config)
+        return {"roles": {role: d.to_json() for role, d in decisions.items()},
+                "samples": len(window.samples), "scale_down_window_s": config.scale_down_window_s}
 
     @_route(app, "POST", "/v1/chat/completions", **CHAT_DOC)
     async def chat_completions(request: Request):

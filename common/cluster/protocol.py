@@ -59,6 +59,12 @@ class WorkerLoad(msgspec.Struct, array_like=True):
     spec_draft_tokens: int = 0  # cumulative speculative tokens proposed (decode)
     spec_accepted_tokens: int = 0  # of which accepted
     spec_verify_steps: int = 0  # cumulative forward passes that verified drafts
+    # the autoscaling signals (router.metrics pool_signals): prompt tokens waiting to be computed here (queued or
+    # part-way through a chunked prefill), and the cumulative prompt tokens computed and the seconds of the steps
+    # that computed them (their ratio: this worker's measured prefill speed)
+    queued_prompt_tokens: int = 0
+    prefill_tokens: int = 0
+    prefill_seconds: float = 0.0
 
 
 # --- worker -> router ------------------------------------------------------------------------------------------

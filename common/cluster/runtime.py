@@ -194,7 +194,10 @@ class WorkerRuntime:
                              "prefix_cache_hits": s["prefix_cache_hit_tokens"],
                              "num_preemptions": s["num_preemptions"], "spec_draft_tokens": s["spec_draft_tokens"],
                              "spec_accepted_tokens": s["spec_accepted_tokens"],
-                             "spec_verify_steps": s["spec_verify_steps"], **extra})
+                             "spec_verify_steps": s["spec_verify_steps"],
+                             "queued_prompt_tokens": s["queued_prompt_tokens"],
+                             "prefill_tokens": s["num_prefill_tokens_computed"],
+                             "prefill_seconds": s["prefill_seconds"], **extra})
 
     def _control_loop(self, load_fn):
         control = self._socket(zmq.DEALER)

@@ -7,6 +7,7 @@ for a request before any prefill is spent (reserve), then starts decoding once t
 or computes the prompt itself (start_prefill: a mixed worker, or a short uncached tail).
 """
 import os
+import time
 
 from common.engine.block_manager import BlockManager
 from common.engine.config import EngineConfig
@@ -51,6 +52,7 @@ class LLMEngine:
         self.vocab_size = config.hf_config.vocab_size
         self.num_prefill_tokens_computed = 0
         self.num_decode_tokens_computed = 0
+        self.prefill_seconds = 0.0  # wall time of the steps that computed prompt tokens (the prefill speed's divisor)
         self._grammar_compiler = None  # made on the first request with a grammar (loads the tokenizer)
         self.num_draft_tokens = 0  # speculative tokens proposed and checked
         self.num_accepted_tokens = 0  # of which kept
@@ -117,7 +119,10 @@ class LLMEngine:
                 self.drafter.propose(kept)
         if not scheduled:
             return []
+        started = time.perf_counter()
         seqs, tokens, logprobs = self.runner.run(scheduled)
+        elapsed = time.perf_counter() - started
+        prefilled = self.num_prefill_tokens_computed
         for seq, n in scheduled:
             is_decode = seq.num_output_tokens > 0 and seq.num_computed_tokens + n == seq.num_tokens \
                 and n == 1 + seq.num_draft
@@ -127,6 +132,8 @@ class LLMEngine:
                 self.num_prefill_tokens_computed += n
             # KV computed for a rejected draft stays in its slot unpublished, and is overwritten later
             seq.num_computed_tokens += n - seq.num_draft
+        if self.num_prefill_tokens_computed > prefilled:
+            self.prefill_seconds += elapsed
         sampled = []
         i = 0
         while i < len(seqs):
@@ -264,6 +271,12 @@ class LLMEngine:
         """Stops the other tensor-parallel ranks, if any (nothing to do for a single-process engine)."""
         self.runner.close()
 
+    def _queued_prompt_tokens(self) -> int:
+        # a worker's heartbeat thread asks while the engine loop steps: tuple() copies each queue in one C call,
+        # under the GIL, where iterating the deque itself could meet a mutation and raise
+        queued = tuple(self.scheduler.waiting) + tuple(self.scheduler.running)
+        return sum(max(0, seq.num_prompt_tokens - seq.num_computed_tokens) for seq in queued)
+
     def stats(self) -> dict:
         bm = self.block_manager
         return {
@@ -272,6 +285,8 @@ class LLMEngine:
             "prefix_cache_hit_tokens": bm.prefix_hits,
             "num_prefill_tokens_computed": self.num_prefill_tokens_computed,
             "num_decode_tokens_computed": self.num_decode_tokens_computed,
+            "prefill_seconds": self.prefill_seconds,
+            "queued_prompt_tokens": self._queued_prompt_tokens(),
             "free_blocks": bm.num_free_blocks,
             "total_blocks": bm.num_blocks,
             "num_waiting": len(self.scheduler.waiting),

@@ -43,6 +43,20 @@ EXPECTED = {
     "vllm:num_requests_waiting": ("gauge", {M, R, W}, "Requests queued on a worker."),
     "vllm:kv_cache_usage_perc": ("gauge", {M, R, W}, "Fraction of a worker's KV blocks in use."),
     "nano_pd:workers_alive": ("gauge", {R}, "Live workers by role."),
+    "nano_pd:pool_workers": ("gauge", {M, R}, "Workers of a role that take new work (alive, not draining): the "
+                             "pool the other nano_pd:pool_ series sum over."),
+    "nano_pd:pool_requests_running": ("gauge", {M, R}, "Requests running in a role's pool."),
+    "nano_pd:pool_requests_waiting": ("gauge", {M, R}, "Requests queued in a role's pool."),
+    "nano_pd:pool_queued_prompt_tokens": ("gauge", {M, R}, "Prompt tokens queued or in prefill in a "
+                                          "prompt-computing pool (prefill, mixed)."),
+    "nano_pd:pool_prefill_tokens_per_second": ("gauge", {M, R}, "Measured prefill speed of a prompt-computing pool: "
+                                               "each worker's prompt tokens over the seconds of its steps computing "
+                                               "them, summed."),
+    "nano_pd:pool_prefill_backlog_seconds": ("gauge", {M, R}, "Queued prompt tokens over the pool's measured "
+                                             "prefill speed (absent while tokens are queued but no speed is "
+                                             "measured yet)."),
+    "nano_pd:pool_kv_cache_usage_ratio": ("gauge", {M, R}, "KV blocks in use over KV blocks, summed over a decoding "
+                                          "pool (decode, mixed)."),
     "vllm:prefix_cache_queries_total": ("counter", {M, R},
                                         "Prompt tokens looked up in the prefix caches (all workers of a role)."),
     "vllm:prefix_cache_hits_total": ("counter", {M, R}, "Prompt tokens found in the prefix caches."),
@@ -230,6 +244,44 @@ def test_worker_loads_read_at_scrape_time():
     got = samples(metrics.render())
     assert got[("vllm:num_requests_running", lbl(model_name="tiny", role="decode", worker="d1"))] == 5
     assert got[("vllm:kv_cache_usage_perc", lbl(model_name="tiny", role="decode", worker="d1"))] == 0.5
+
+
+def test_pool_signals_from_synthetic_heartbeats():
+    """Per role, over the workers that take new work: a draining or dead worker is out of its pool."""
+    p1 = worker("p1", PREFILL, num_waiting=2, queued_prompt_tokens=3000, prefill_tokens=2000, prefill_seconds=4.0)
+    p2 = worker("p2", PREFILL, num_running=1, queued_prompt_tokens=1000, prefill_tokens=3000, prefill_seconds=2.0)
+    d1 = worker("d1", DECODE, num_running=3, num_waiting=1, free_blocks=20, total_blocks=100)
+    d2 = worker("d2", DECODE, num_running=5, free_blocks=60, total_blocks=300)
+    draining = worker("d3", DECODE, num_running=9, free_blocks=0, total_blocks=100)
+    draining.draining = True
+    dead = worker("d4", DECODE, alive=False, num_running=7, free_blocks=0, total_blocks=100)
+    metrics, _ = watched(p1, p2, d1, d2, draining, dead)
+    got = samples(metrics.render())
+
+    def pool(name: str, role: str) -> float:
+        return got[(f"nano_pd:pool_{name}", lbl(model_name="tiny", role=role))]
+    # prefill: 4000 queued tokens; speeds 2000/4 + 3000/2 = 2000 tok/s; backlog 2 s
+    assert pool("queued_prompt_tokens", "prefill") == 4000
+    assert pool("prefill_tokens_per_second", "prefill") == 2000
+    assert pool("prefill_backlog_seconds", "prefill") == 2.0
+    assert (pool("workers", "prefill"), pool("requests_running", "prefill"), pool("requests_waiting", "prefill")) \
+        == (2, 1, 2)
+    # decode: (80 + 240) used of 400 blocks, the draining and the dead worker left out
+    assert pool("kv_cache_usage_ratio", "decode") == pytest.approx(0.8)
+    assert (pool("workers", "decode"), pool("requests_running", "decode"), pool("requests_waiting", "decode")) \
+        == (2, 8, 1)
+    assert got[("nano_pd:workers_alive", lbl(role="decode"))] == 3  # the draining one is alive
+    assert ("nano_pd:pool_kv_cache_usage_ratio", lbl(model_name="tiny", role="prefill")) not in got
+    assert ("nano_pd:pool_prefill_backlog_seconds", lbl(model_name="tiny", role="decode")) not in got
+    assert pool("prefill_backlog_seconds", "mixed") == 0.0  # no mixed worker: nothing queued
+
+
+def test_a_backlog_with_no_measured_speed_has_no_series():
+    cold = worker("p1", PREFILL, queued_prompt_tokens=500)  # queued before its first step
+    metrics, _ = watched(cold, worker("d1", DECODE))
+    got = samples(metrics.render())
+    assert got[("nano_pd:pool_queued_prompt_tokens", lbl(model_name="tiny", role="prefill"))] == 500
+    assert ("nano_pd:pool_prefill_backlog_seconds", lbl(model_name="tiny", role="prefill")) not in got
 
 
 def test_cumulative_counters_never_go_down_when_a_dead_worker_is_retired():
