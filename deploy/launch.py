@@ -14,11 +14,16 @@ exponential backoff; one that keeps crashing is given up on while the others kee
 from __future__ import annotations
 
 import argparse
+import json
+import re
 import shlex
 import sys
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
+
+from typing import Callable
 
 from common.cluster.flags import KV_TRANSPORTS, add_engine_args, engine_argv, worker_module
 from common.names import DEFAULT_MODEL, is_default_model, served_model_name
@@ -61,21 +66,85 @@ def build_commands(spec: Spec, router_model: str, worker_model: str, served_name
     """(name, argv) of every process to start, router first.
 
     Workers get the served name too: they would otherwise name the model after the path they were given."""
-    py = sys.executable
     commands = []
     if start_router:
-        commands.append(("router", [py, "-m", "router", "--model", router_model, "--served-model-name", served_name,
-                                    "--host", spec.host, "--port", str(spec.port),
+        commands.append(("router", [sys.executable, "-m", "router", "--model", router_model,
+                                    "--served-model-name", served_name, "--host", spec.host, "--port", str(spec.port),
                                     "--control-port", str(spec.control_port)]))
     for role, part in spec.roles():
-        module = [worker_module(role), *(["--role", role] if role == "mixed" else [])]
         for i in range(part.workers):
-            commands.append((f"{role}-{i}", [py, "-m", *module, "--router", router, "--model", worker_model,
-                                             "--served-model-name", served_name, "--host", spec.host,
-                                             "--kv-transport", spec.kv_transport,
-                                             "--threads", str(part.threads), "--name", f"{role}-{i}",
-                                             *part.args]))
+            commands.append(worker_command(spec, role, i, worker_model, served_name, router))
     return commands
+
+
+def worker_command(spec: Spec, role: str, index: int, worker_model: str, served_name: str,
+                   router: str) -> tuple[str, list[str]]:
+    """(name, argv) of the role's index-th worker."""
+    part, name = getattr(spec, role), f"{role}-{index}"
+    module = [worker_module(role), *(["--role", role] if role == "mixed" else [])]
+    return name, [sys.executable, "-m", *module, "--router", router, "--model", worker_model,
+                  "--served-model-name", served_name, "--host", spec.host, "--kv-transport", spec.kv_transport,
+                  "--threads", str(part.threads), "--name", name, *part.args]
+
+
+class Autoscaler:
+    """--autoscale: polls the router's /debug/desired-replicas (router.planner) every `interval` seconds and
+    brings each scaled role's local workers to the desired count: new ones started under the next free names,
+    surplus ones (the newest first) retired by SIGTERM, which drains them (no restart: Supervisor.retire). The
+    router counts only registered workers that take work, so a worker still loading is not started twice."""
+
+    SCALED_ROLES = ("prefill", "decode")
+
+    def __init__(self, url: str, new_worker: Callable[[str, int], tuple[str, list[str]]], interval: float):
+        self.url, self.new_worker, self.interval = url, new_worker, interval
+        self.next_poll = 0.0
+
+    @staticmethod
+    def local_workers(supervisor: Supervisor, role: str) -> list[str]:
+        """The role's workers not being retired, oldest (lowest index) first."""
+        pattern = re.compile(rf"{role}-(\d+)")
+        names = [n for n in supervisor.names() if pattern.fullmatch(n) and not supervisor.retiring(n)]
+        return sorted(names, key=lambda n: int(n.rsplit("-", 1)[1]))
+
+    def step(self, supervisor: Supervisor) -> bool:
+        """Poll when due and act on the answer; always False (it is run()'s until-hook, never the end)."""
+        if time.monotonic() < self.next_poll:
+            return False
+        self.next_poll = time.monotonic() + self.interval
+        # our own counts, loading workers included: the planner's current replicas (router.planner)
+        current = urllib.parse.urlencode({f"current_{role}": len(self.local_workers(supervisor, role))
+                                          for role in self.SCALED_ROLES})
+        try:
+            with urllib.request.urlopen(f"{self.url}&{current}", timeout=5) as response:
+                roles = json.load(response)["roles"]
+        except (urllib.error.URLError, OSError, ValueError, KeyError) as e:
+            print(f"launch: autoscaler: {self.url} did not answer ({e}); trying again in {self.interval:g} s",
+                  file=sys.stderr, flush=True)
+            return False
+        for role in self.SCALED_ROLES:
+            if role in roles:
+                self.scale(supervisor, role, int(roles[role]["desired"]))
+        return False
+
+    def scale(self, supervisor: Supervisor, role: str, desired: int) -> None:
+        workers = self.local_workers(supervisor, role)
+        if desired > len(workers):
+            taken = {int(n.rsplit("-", 1)[1]) for n in supervisor.names() if n.startswith(f"{role}-")}
+            free = (i for i in range(len(taken) + desired) if i not in taken)
+            for _ in range(desired - len(workers)):
+                supervisor.add(*self.new_worker(role, next(free)))
+        for name in reversed(workers[desired:]):
+            supervisor.retire(name)
+
+
+def planner_query(args: argparse.Namespace) -> str:
+    """The /debug/desired-replicas query string of the launcher's autoscale flags."""
+    return urllib.parse.urlencode({
+        "min_prefill": args.min_prefill_workers, "max_prefill": args.max_prefill_workers,
+        "min_decode": args.min_decode_workers, "max_decode": args.max_decode_workers,
+        "target_prefill_backlog_s": args.target_prefill_backlog, "target_kv_usage": args.target_kv_usage,
+        "target_requests_per_worker": args.target_requests_per_worker,
+        "scale_down_window_s": args.scale_down_window})
 
 
 def _health_ok(url: str) -> bool:
@@ -127,6 +196,25 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--wait-ready", type=float, default=600, metavar="S",
                    help="wait up to S seconds for the router's /health (default 600; 0: do not wait); "
                         "exit 1 if not ready")
+    scale = p.add_argument_group(
+        "autoscaling (router.planner: HPA's rule on the router's pool signals; README \"Autoscaling\")")
+    scale.add_argument("--autoscale", action="store_true",
+                       help="add and drain local prefill and decode workers as the router's "
+                            "/debug/desired-replicas asks, between the bounds below")
+    for role in Autoscaler.SCALED_ROLES:
+        scale.add_argument(f"--min-{role}-workers", type=int, default=1, metavar="N", help="default 1")
+        scale.add_argument(f"--max-{role}-workers", type=int, default=4, metavar="N", help="default 4")
+    scale.add_argument("--autoscale-interval", type=float, default=5.0, metavar="S",
+                       help="seconds between polls of the planner (default 5)")
+    scale.add_argument("--scale-down-window", type=float, default=300.0, metavar="S",
+                       help="a pool shrinks only to the largest count the planner wanted over the last S seconds "
+                            "(HPA's scale-down stabilization window; default 300)")
+    scale.add_argument("--target-prefill-backlog", type=float, default=2.0, metavar="S",
+                       help="seconds of queued prompt tokens per prefill pool (default 2)")
+    scale.add_argument("--target-kv-usage", type=float, default=0.7, metavar="R",
+                       help="KV-block use ratio of the decode pool (default 0.7)")
+    scale.add_argument("--target-requests-per-worker", type=float, default=16.0, metavar="N",
+                       help="running + waiting requests per decode worker (default 16)")
     p.add_argument("--dry-run", action="store_true",
                    help="print the command lines and exit (the default model and .gguf files appear by name, "
                         "not yet converted)")
@@ -147,6 +235,8 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, ValueError) as e:
         parser.error(str(e))
     router = _router_endpoint(parser, args, spec)
+    if args.autoscale:
+        _autoscale_bounds(parser, args, spec)
     try:
         dtypes = {parse_role_args(role, part.args).dtype for role, part in spec.roles() if part.workers}
         router_model, worker_model, name = served_model(spec.model, dtypes, convert=not args.dry_run)
@@ -158,7 +248,26 @@ def main(argv: list[str] | None = None) -> int:
         for proc_name, cmd in commands:
             print(f"{shlex.join(cmd)}  # {proc_name}")
         return 0
-    return _supervise(commands, spec, args, router)
+    autoscaler = None
+    if args.autoscale:
+        url = f"http://{_local_address(spec.host)}:{spec.port}/debug/desired-replicas?{planner_query(args)}"
+        autoscaler = Autoscaler(url, lambda role, i: worker_command(spec, role, i, worker_model, name, router),
+                                args.autoscale_interval)
+    return _supervise(commands, spec, args, router, autoscaler)
+
+
+def _autoscale_bounds(parser: argparse.ArgumentParser, args: argparse.Namespace, spec: Spec) -> None:
+    """Checks the autoscale flags and starts each scaled role inside its bounds."""
+    if args.no_router:
+        parser.error("--autoscale polls the router started here; it cannot be used with --no-router")
+    if args.autoscale_interval <= 0:
+        parser.error("--autoscale-interval must be positive")
+    for role in Autoscaler.SCALED_ROLES:
+        low, high = getattr(args, f"min_{role}_workers"), getattr(args, f"max_{role}_workers")
+        if not 0 <= low <= high:
+            parser.error(f"--min-{role}-workers ({low}) and --max-{role}-workers ({high}) need 0 <= min <= max")
+        part = getattr(spec, role)
+        part.workers = min(max(part.workers, low), high)
 
 
 def _router_endpoint(parser: argparse.ArgumentParser, args: argparse.Namespace, spec: Spec) -> str:
@@ -174,7 +283,8 @@ def _router_endpoint(parser: argparse.ArgumentParser, args: argparse.Namespace, 
     return f"{_local_address(spec.host)}:{spec.control_port}"
 
 
-def _supervise(commands: list[tuple[str, list[str]]], spec: Spec, args: argparse.Namespace, router: str) -> int:
+def _supervise(commands: list[tuple[str, list[str]]], spec: Spec, args: argparse.Namespace, router: str,
+               autoscaler: Autoscaler | None = None) -> int:
     """Start the processes and keep them running until a signal or until every one was given up on; the exit code."""
     supervisor = Supervisor(log_dir=args.log_dir)
     install_signal_handlers(supervisor)
@@ -187,7 +297,7 @@ def _supervise(commands: list[tuple[str, list[str]]], spec: Spec, args: argparse
                 return failed
         elif args.no_router:
             print(f"nano-pd workers started ({spec.shape()}), joining the router at {router}", flush=True)
-        supervisor.run()
+        supervisor.run(until=(lambda: autoscaler.step(supervisor)) if autoscaler is not None else None)
         if supervisor.all_given_up and not supervisor.stop_requested:
             print("launch: every process was given up on; exiting", file=sys.stderr, flush=True)
             return 1

@@ -52,6 +52,7 @@ class _Child:
     backoff: float = 0.0
     crashes: collections.deque = field(default_factory=collections.deque)  # monotonic times of recent crashes
     given_up: bool = False
+    retiring: bool = False  # sent SIGTERM by retire(): its exit is the end it was asked for, not a crash
     starts: int = 0
     log: TextIO | None = None
 
@@ -90,17 +91,33 @@ class Supervisor:
         self._stop_requested = False
         self._hurry = False  # a second stop request while stopping: skip the grace period
         self._shut_down = False
+        self._started = False
         self._preexec = _parent_death_signal()
 
     # -- setup ------------------------------------------------------------------------------------------------
 
     def add(self, name: str, cmd: list[str], env: dict[str, str] | None = None) -> None:
-        """Register a child; the next `start()` (or entering the `with` block) starts it."""
+        """Register a child; the next `start()` (or entering the `with` block) starts it, or this call once the
+        supervisor runs (a worker added by the autoscaler)."""
         if name in self._children:
             raise ValueError(f"duplicate child name {name!r}")
-        self._children[name] = _Child(name, list(cmd), env, backoff=self.backoff_initial)
+        child = self._children[name] = _Child(name, list(cmd), env, backoff=self.backoff_initial)
+        if self._started and not self._stop_requested:
+            self._spawn(child)
+
+    def retire(self, name: str) -> None:
+        """Ask a child to leave for good: SIGTERM to it alone (a worker drains: it finishes what it holds, then
+        exits), no restart, and its name is forgotten once it has exited. One not running is forgotten at once."""
+        child = self._children[name]
+        if child.proc is None:
+            self._forget(child)
+            return
+        child.retiring = True
+        self._event(f"retiring {name} (pid {child.proc.pid}): SIGTERM")
+        child.proc.send_signal(signal.SIGTERM)
 
     def start(self) -> None:
+        self._started = True
         if self.log_dir:
             os.makedirs(self.log_dir, exist_ok=True)
         for child in self._children.values():
@@ -115,6 +132,13 @@ class Supervisor:
         self.shutdown()
 
     # -- state ------------------------------------------------------------------------------------------------
+
+    def names(self) -> list[str]:
+        """Every child's name, in the order added, the retiring ones included until they exit."""
+        return list(self._children)
+
+    def retiring(self, name: str) -> bool:
+        return self._children[name].retiring
 
     def pids(self) -> dict[str, int | None]:
         """Current pid of each child; None while it waits for a restart or after it was given up on."""
@@ -151,7 +175,7 @@ class Supervisor:
             timeout = max(0.0, min(timeout, min(due) - now))
         self._forward_output(timeout)
         now = time.monotonic()
-        for child in self._children.values():
+        for child in list(self._children.values()):
             if child.proc is not None and child.proc.poll() is not None:
                 self._on_exit(child, now)
             if child.restart_at is not None and now >= child.restart_at and not self._stop_requested:
@@ -232,6 +256,10 @@ class Supervisor:
         self._signal_group_of(proc.pid, signal.SIGKILL)  # leftovers of the dead child must not meet its successor
         code = proc.returncode
         how = f"was killed by {signal.Signals(-code).name}" if code < 0 else f"exited with code {code}"
+        if child.retiring:
+            self._event(f"retired {child.name} (pid {proc.pid}) {how}")
+            self._forget(child)
+            return
         if self._stop_requested:
             self._event(f"{child.name} (pid {proc.pid}) {how}")
             return
@@ -249,6 +277,12 @@ class Supervisor:
         child.backoff = min(child.backoff * 2, self.backoff_max)
         child.restart_at = now + delay
         self._event(f"{child.name} (pid {proc.pid}) {how}; restarting in {delay:g} s")
+
+    def _forget(self, child: _Child) -> None:
+        del self._children[child.name]
+        if child.log is not None:
+            child.log.close()
+            child.log = None  # a grandchild still holding its pipe writes to our output from now on
 
     def _signal_group(self, child: _Child, sig: signal.Signals) -> None:
         self._signal_group_of(child.proc.pid, sig)

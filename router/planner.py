@@ -42,6 +42,10 @@ class PlannerConfig:
     tolerance: float = 0.1
     scale_down_window_s: float = 300.0
     bounds: dict[str, tuple[int, int]] = dataclasses.field(default_factory=dict)  # role -> (min, max) replicas
+    # role -> the replicas the caller runs, loading ones included (a Deployment's spec.replicas): the current count
+    # of HPA's rule; without it, the workers taking work. A worker still loading must count, or the planner, not
+    # seeing it yet, asks to drain it before it registers
+    current: dict[str, int] = dataclasses.field(default_factory=dict)
 
     def limits(self, role: str) -> tuple[int, int]:
         return self.bounds.get(role, (1, MAX_REPLICAS))
@@ -51,7 +55,7 @@ class PlannerConfig:
         """The config a /debug/desired-replicas query string names (min_decode=1&max_decode=3&target_kv_usage=0.5
         &tolerance=0.1&scale_down_window_s=60 ...); ValueError naming the parameter for anything else."""
         known = {f"{edge}_{role}" for edge in ("min", "max") for role in ROLES} | {"tolerance", "scale_down_window_s"}
-        known |= {f"target_{f.name}" for f in dataclasses.fields(Targets)}
+        known |= {f"target_{f.name}" for f in dataclasses.fields(Targets)} | {f"current_{role}" for role in ROLES}
         unknown = sorted(set(query) - known)
         if unknown:
             raise ValueError(f"unknown parameter {unknown[0]!r}; known: {', '.join(sorted(known))}")
@@ -77,14 +81,20 @@ class PlannerConfig:
                 if low > high:
                     raise ValueError(f"min_{role} ({low}) is above max_{role} ({high})")
                 bounds[role] = (low, high)
+        current = {role: number(f"current_{role}", 0, 0, 1024, int) for role in ROLES if f"current_{role}" in query}
         return cls(targets, number("tolerance", cls.tolerance, 0, 1), number(
-            "scale_down_window_s", cls.scale_down_window_s, 0, MAX_WINDOW_S), bounds)
+            "scale_down_window_s", cls.scale_down_window_s, 0, MAX_WINDOW_S), bounds, current)
 
 
 @dataclasses.dataclass(frozen=True)
 class Sample:
     time: float  # monotonic seconds
     pools: dict[str, PoolSignals]
+    current: dict[str, int]  # the replicas of each role when it was taken (PlannerConfig.current, or the pool's)
+
+    @classmethod
+    def of(cls, time: float, pools: dict[str, PoolSignals], config: PlannerConfig) -> Sample:
+        return cls(time, pools, {role: config.current.get(role, pool.workers) for role, pool in pools.items()})
 
 
 class MetricWindow:
@@ -106,9 +116,10 @@ def signal_values(role: str, pool: PoolSignals) -> dict[str, float | None]:
     return {name: values[name] for name in ROLE_SIGNALS[role]}
 
 
-def recommend(role: str, pool: PoolSignals, config: PlannerConfig) -> int:
-    """HPA's rule for one sample: the largest of ceil(current x value / target) over the role's signals."""
-    current, proposals = pool.workers, []
+def recommend(role: str, pool: PoolSignals, config: PlannerConfig, current: int | None = None) -> int:
+    """HPA's rule for one sample: the largest of ceil(current x value / target) over the role's signals (current:
+    the pool's workers unless given)."""
+    current, proposals = pool.workers if current is None else current, []
     for name, value in signal_values(role, pool).items():
         if value is None:
             continue
@@ -119,7 +130,7 @@ def recommend(role: str, pool: PoolSignals, config: PlannerConfig) -> int:
 
 @dataclasses.dataclass(frozen=True)
 class Decision:
-    current: int  # workers of the role taking new work in the newest sample
+    current: int  # the role's replicas in the newest sample
     recommended: int  # the newest sample's recommendation, before the window and the bounds
     desired: int
     signals: dict[str, float | None]
@@ -135,14 +146,13 @@ def desired_replicas(samples, now: float, config: PlannerConfig) -> dict[str, De
     recent = [s for s in samples if now - s.time <= config.scale_down_window_s] or [newest]
     decisions = {}
     for role in ROLES:
-        pool = newest.pools[role]
-        if not pool.workers and role not in config.bounds:
+        pool, current = newest.pools[role], newest.current[role]
+        if not current and role not in config.bounds:
             continue
-        recommended = recommend(role, pool, config)
+        recommended = recommend(role, pool, config, current)
         wanted = recommended
-        if recommended < pool.workers:  # down only as far as every recommendation of the window allows
-            wanted = min(pool.workers, max(recommend(role, s.pools[role], config) for s in recent))
+        if recommended < current:  # down only as far as every recommendation of the window allows
+            wanted = min(current, max(recommend(role, s.pools[role], config, s.current[role]) for s in recent))
         low, high = config.limits(role)
-        decisions[role] = Decision(pool.workers, recommended, min(max(wanted, low), high),
-                                   signal_values(role, pool))
+        decisions[role] = Decision(current, recommended, min(max(wanted, low), high), signal_values(role, pool))
     return decisions

@@ -225,7 +225,7 @@ def _add_routes(app: FastAPI, cluster: Cluster, model_name: str, metrics: Router
         except ValueError as e:
             return error_response(400, str(e))
         now = time.monotonic()
-        window.add(planner.Sample(now, pool_signals(workers)))
+        window.add(planner.Sample.of(now, pool_signals(workers), config))
         decisions = planner.desired_replicas(window.samples, now, config)
         return {"roles": {role: d.to_json() for role, d in decisions.items()},
                 "samples": len(window.samples), "scale_down_window_s": config.scale_down_window_s}

@@ -25,7 +25,7 @@ def decode_pool(workers: int, requests: int, used: int = 0, total: int = 100) ->
 def series(*points: tuple[float, dict]) -> MetricWindow:
     window = MetricWindow()
     for t, p in points:
-        window.add(Sample(t, p))
+        window.add(Sample.of(t, p, PlannerConfig()))
     return window
 
 
@@ -70,11 +70,11 @@ def test_scale_down_waits_for_the_window_then_stops_at_min():
     burst = pools(decode=decode_pool(3, 12))  # 4 per worker: on target, 3 wanted
     window = series((0.0, burst), (10.0, pools(decode=decode_pool(3, 0))))
     assert decide(window, 10.0)["decode"] == 3  # the burst 10 s ago is inside the 60 s window
-    window.add(Sample(50.0, pools(decode=decode_pool(3, 4))))  # 4 requests: 1 worker would do
+    window.add(Sample.of(50.0, pools(decode=decode_pool(3, 4)), CONFIG))  # 4 requests: 1 worker would do
     assert decide(window, 50.0)["decode"] == 3
-    window.add(Sample(61.0, pools(decode=decode_pool(3, 4))))  # the burst sample has left the window
+    window.add(Sample.of(61.0, pools(decode=decode_pool(3, 4)), CONFIG))  # the burst sample has left the window
     assert decide(window, 61.0)["decode"] == 1
-    window.add(Sample(200.0, pools(decode=decode_pool(3, 0))))
+    window.add(Sample.of(200.0, pools(decode=decode_pool(3, 0)), CONFIG))
     assert decide(window, 200.0)["decode"] == 1  # recommended 0, min 1
 
 
@@ -97,18 +97,32 @@ def test_roles_outside_the_cluster_are_left_out_and_bounds_bring_them_in():
 def test_the_window_forgets_old_and_surplus_samples():
     window = MetricWindow(max_samples=3)
     for t in range(5):
-        window.add(Sample(float(t), pools()))
+        window.add(Sample.of(float(t), pools(), CONFIG))
     assert [s.time for s in window.samples] == [2.0, 3.0, 4.0]
-    window.add(Sample(MAX_WINDOW_S + 3.5, pools()))
+    window.add(Sample.of(MAX_WINDOW_S + 3.5, pools(), CONFIG))
     assert [s.time for s in window.samples] == [4.0, MAX_WINDOW_S + 3.5]
+
+
+def test_the_callers_replicas_count_a_worker_still_loading():
+    """The caller runs 2 decode workers, one still loading: the router sees 1. A lull must not drain the new one
+    while the window remembers the burst, and the burst's rule counts both."""
+    config = PlannerConfig(CONFIG.targets, scale_down_window_s=60.0, bounds=CONFIG.bounds, current={"decode": 2})
+    window = MetricWindow()
+    window.add(Sample.of(0.0, pools(decode=decode_pool(1, 8)), config))
+    got = desired_replicas(window.samples, 0.0, config)["decode"]
+    # 8 requests on the one registered worker, 4 per worker wanted: ceil(2 x 8 / 4) = 4, max 3
+    assert (got.current, got.recommended, got.desired) == (2, 4, 3)
+    window.add(Sample.of(5.0, pools(decode=decode_pool(1, 0)), config))
+    assert decide(window, 5.0, config)["decode"] == 2  # counting only the router's 1 it would say 1
+    assert decide(window, 5.0, CONFIG)["decode"] == 2  # a later sample without the caller's count is the pool's
 
 
 def test_query_string():
     config = PlannerConfig.from_query({"min_decode": "2", "max_decode": "5", "target_kv_usage": "0.25",
-                                       "tolerance": "0", "scale_down_window_s": "30"})
+                                       "tolerance": "0", "scale_down_window_s": "30", "current_decode": "3"})
     assert config.bounds == {"decode": (2, 5)} and config.limits("prefill") == (1, 64)
     assert config.targets.kv_usage == 0.25 and config.targets.prefill_backlog_s == Targets().prefill_backlog_s
-    assert (config.tolerance, config.scale_down_window_s) == (0.0, 30.0)
+    assert (config.tolerance, config.scale_down_window_s, config.current) == (0.0, 30.0, {"decode": 3})
     assert PlannerConfig.from_query({}) == PlannerConfig()
 
 
