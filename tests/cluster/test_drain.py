@@ -7,7 +7,9 @@ against the offline engine.
   Leaving, not a heartbeat timeout: no death is counted) and they complete unchanged;
 * a prefill worker drained with prompts queued prefills every one and writes its KV before it exits 0;
 * the router: POST /admin/workers/{id}/drain behind the API key, and its own drain on SIGTERM (/ready 503, new
-  requests 503, the open stream finished, exit 0).
+  requests 503, the open stream finished, exit 0); a second SIGTERM stops it at once.
+
+And without processes: the registry's routing around draining workers, a draining decode worker's refusal.
 """
 from __future__ import annotations
 
@@ -15,9 +17,15 @@ import concurrent.futures as cf
 import json
 import signal
 import threading
+import types
+from collections import deque
 
 import pytest
 
+from common.cluster.protocol import DECODE, PREFILL, Admit, Heartbeat, Rejected, WorkerInfo, WorkerLoad
+from common.sampling_params import SamplingParams
+from decode_worker.worker import DecodeWorker
+from router.registry import WorkerRegistry
 from tests.reliability.test_faults import assert_streams_intact, busiest, under_streams
 from tests.support.cluster_harness import LocalCluster, assert_idle
 from tests.workers.test_cluster import metric_value, prompts, stream_chat
@@ -155,3 +163,54 @@ def test_admin_drain_and_the_routers_own_drain(model_dir, offline):
         assert len(waiting) == 1
         assert_streams_intact(waiting, prompt, 16, offline)
         assert router.wait(EXIT_WAIT_S) == 0
+
+
+def test_a_second_sigterm_stops_a_draining_router_at_once(model_dir):
+    with LocalCluster(model_dir, prefill=0, decode=0, router_args=("--migrate-wait", "600")) as c:
+        client, outcome = c.openai(), []
+
+        def waiting_stream():
+            try:
+                outcome.append(stream_chat(client, "hi", 4, True))
+            except Exception as e:  # the router stopped under it: an error, not a hang
+                outcome.append(e)
+
+        thread = threading.Thread(target=waiting_stream)
+        thread.start()
+        c.wait_for(lambda: json.loads(c.get("/cluster")[1])["open_requests"] == 1, "the request to wait", 30)
+        router = c.procs["router"][0]
+        router.send_signal(signal.SIGTERM)
+        c.wait_for(lambda: json.loads(c.get("/cluster")[1])["draining"], "the router's drain", 10)
+        router.send_signal(signal.SIGTERM)
+        assert router.wait(EXIT_WAIT_S) == 0  # long before the request's 600 s --migrate-wait
+        thread.join(EXIT_WAIT_S)
+        assert len(outcome) == 1 and isinstance(outcome[0], Exception)
+
+# --- the registry's view of draining workers (no sockets) -------------------------------------------------------
+def _registry_with(*roles: str):
+    registry = WorkerRegistry("tiny")
+    for i, role in enumerate(roles):
+        info = WorkerInfo(f"{role}-{i}", role, "tiny", "tcp://127.0.0.1:9", "zmq", "layout", 16, 64, 256)
+        assert registry.heartbeat(info.worker_id.encode(), Heartbeat(info, WorkerLoad())).ok
+    return registry
+
+
+def test_a_draining_worker_gets_no_new_work_and_stays_draining():
+    registry = _registry_with(PREFILL, DECODE, DECODE)
+    prefill, decode, other = registry.workers.values()
+    registry.heartbeat(b"decode-1", Heartbeat(decode.info, WorkerLoad(), draining=True))
+    assert decode.alive and decode.draining and registry.decoders() == [other]
+    registry.heartbeat(b"decode-1", Heartbeat(decode.info, WorkerLoad()))  # a beat sent before it got Drain
+    assert decode.draining
+    prefill.draining = True  # what Cluster.drain does, before the worker's beats say so
+    assert not registry.healthy and registry.routable(PREFILL) == []
+    assert registry.missing_roles() == "no live prefill worker in the cluster (draining ones take no new work)"
+
+
+def test_a_decode_worker_refuses_an_admission_once_it_drains():
+    sent = []
+    worker = object.__new__(DecodeWorker)  # the admission path only: no engine is built
+    worker.rt = types.SimpleNamespace(draining=True, worker_id="decode-0", send_router=sent.append)
+    worker.pending, worker.reserved, worker.running = deque(), {}, {}
+    worker._on_admit(Admit("r#0", [1, 2, 3], SamplingParams(max_tokens=4)))
+    assert sent == [Rejected("decode-0", "r#0", "decode worker is draining")] and not worker.pending

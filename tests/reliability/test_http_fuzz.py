@@ -187,7 +187,7 @@ def test_schemathesis_against_the_served_document(cluster, http, greedy_answer, 
     operations = [result.ok() for result in schema.get_all_operations()]
     assert {(op.method.upper(), op.path) for op in operations} == {
         ("GET", "/health"), ("GET", "/ready"), ("GET", "/v1/models"), ("GET", "/metrics"), ("GET", "/cluster"),
-        ("POST", "/admin/workers/{worker_id}/drain"), ("POST", CHAT)}
+        ("GET", "/debug/desired-replicas"), ("POST", "/admin/workers/{worker_id}/drain"), ("POST", CHAT)}
     checks = BASE_CHECKS + ([negative_data_rejection] if mode is GenerationMode.NEGATIVE else [])
     with requests.Session() as session:
         for op in operations:

@@ -136,3 +136,21 @@ def test_openapi_describes_the_bodies_and_metrics_as_text(client):
 
     metrics = doc["paths"]["/metrics"]["get"]["responses"]["200"]["content"]
     assert list(metrics) == ["text/plain"]
+
+
+def test_a_draining_router_refuses_new_requests_and_is_not_ready(client):
+    assert client.get("/ready").status_code == 503  # no worker: not ready, for the reason /health gives
+    client.app.state.drain.begin()
+    r = client.get("/ready")
+    assert r.status_code == 503 and "draining" in r.json()["error"]["message"]
+    for r in (client.post("/v1/chat/completions", headers=auth(), content=CHAT), client.get("/v1/models")):
+        assert r.status_code == 503 and r.json()["error"]["type"] == "service_unavailable"
+        assert r.headers["retry-after"] == "1" and r.headers["connection"] == "close"
+    assert client.get("/health").json()["error"]["message"] == "no live prefill or decode worker in the cluster"
+    assert client.get("/cluster").json()["draining"] is True
+
+
+def test_admin_drain_needs_the_key_and_a_live_worker(client):
+    assert client.post("/admin/workers/w-1/drain").status_code == 401
+    r = client.post("/admin/workers/w-1/drain", headers=auth())
+    assert r.status_code == 404 and r.json()["error"]["type"] == "not_found_error"
