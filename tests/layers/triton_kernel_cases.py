@@ -10,7 +10,8 @@ TRITON_INTERPRET=1 pytest tests/layers/triton_kernel_cases.py   |   pytest tests
 
 The caches are test_paged_attention_kernel.py's: shuffled block ids, unused blocks, padding entries that are valid
 ids, -1 or far out of range, NaN in every slot no query may read. GQA 9:3, 4:1, 8:2 and 1:1; head_dim 64, 32 and
-the unpadded widths 80 and 48 (the kernel masks the padding to a power of two). fp32 within 1e-5; bf16 within
+the unpadded widths 80 and 48 (the kernel masks the padding to a power of two); then eight shapes drawn at random
+(13 per kernel and dtype: 52 cases in fp32 and bf16, 26 more in fp16). fp32 within 1e-5; bf16 within
 2e-2 and fp16 within 5e-3 (under the interpreter bf16 products run on fp32 operands, see the module). Shapes are
 small: the interpreter runs every program in numpy, one after another.
 """
@@ -33,8 +34,13 @@ from common.layers import triton_paged_attention as tpa  # noqa: E402 - after th
 TOL = {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.bfloat16: dict(atol=2e-2, rtol=2e-2),
        torch.float16: dict(atol=5e-3, rtol=5e-3)}
 DTYPES = pytest.mark.parametrize("dtype", list(TOL), ids=["fp32", "bf16", "fp16"])
-# (block size, heads, KV heads, head_dim)
+# (block size, heads, KV heads, head_dim): the named ones, then random draws (a fixed seed, so a failure reruns)
 SHAPES = [(16, 9, 3, 64), (32, 4, 1, 64), (16, 8, 2, 80), (8, 6, 6, 48), (256, 4, 4, 32)]
+_draw = random.Random(17)
+for _ in range(8):
+    _kv_heads = _draw.choice([1, 2, 3])
+    SHAPES.append((_draw.choice([8, 16, 32]), _kv_heads * _draw.choice([1, 2, 3, 4]), _kv_heads,
+                   _draw.choice([32, 48, 64, 80])))
 
 
 @DTYPES
