@@ -1,12 +1,14 @@
 """python -m prefill_worker --router HOST:PORT [--model M] ...: start a prefill worker that joins the cluster."""
 import argparse
+import os
 
 from common.cluster.flags import worker_parser
 from common.cluster.runtime import announce_starting
 
 
 def main(argv=None):
-    ap = worker_parser("prefill", argparse.ArgumentParser(prog="python -m prefill_worker", description=__doc__))
+    ap = worker_parser("prefill", argparse.ArgumentParser(prog="python -m prefill_worker", description=__doc__),
+                       environ=os.environ)  # NANO_PD_* variables as flags (containers)
     args = ap.parse_args(argv)
     with announce_starting(args, "prefill"):  # the imports and the model load take seconds
         from prefill_worker.worker import PrefillWorker

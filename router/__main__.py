@@ -7,8 +7,10 @@ import json
 import logging
 import os
 
+from common.env_flags import apply_environment
 
-def main(argv=None):
+
+def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m router", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=None, help="HF folder, .gguf file or the default model's name (tokenizer "
@@ -32,8 +34,8 @@ def main(argv=None):
                          "the router holds; a new request beyond them gets a 429 with Retry-After at once")
     ap.add_argument("--admit-timeout", type=float, default=60.0,
                     help="seconds a request refused by every full decode worker keeps asking before it gets a 429")
-    ap.add_argument("--api-key", default=os.environ.get("NANO_PD_API_KEY"),
-                    help="require 'Authorization: Bearer KEY' on /v1 routes (default: $NANO_PD_API_KEY)")
+    ap.add_argument("--api-key", default=None,
+                    help="require 'Authorization: Bearer KEY' on /v1 routes (or $NANO_PD_API_KEY, as every flag)")
     ap.add_argument("--max-request-bytes", type=int, default=4 * 2**20, help="largest request body accepted")
     ap.add_argument("--header-timeout", type=float, default=10.0,
                     help="seconds a client has to send a request's head, from connecting or from its previous "
@@ -52,7 +54,11 @@ def main(argv=None):
     ap.add_argument("--tool-call-parser", default="hermes", choices=["hermes"],
                     help="the tool-call format the model writes")
     ap.add_argument("--log-level", default="info")
-    args = ap.parse_args(argv)
+    return ap
+
+
+def main(argv=None):
+    args = apply_environment(parser(), os.environ).parse_args(argv)  # NANO_PD_* variables as flags (containers)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s router %(levelname)s %(message)s")
 
     from transformers import AutoTokenizer

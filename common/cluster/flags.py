@@ -6,8 +6,10 @@ import argparse
 import dataclasses
 import logging
 import typing
+from collections.abc import Mapping
 
 from common.engine_args import EngineArgs
+from common.env_flags import apply_environment
 
 KV_TRANSPORTS = ("auto", "nixl", "zmq")
 # a follow-up turn's few new tokens cost a decode step less than a hand-off's round trips (four messages and a KV
@@ -37,9 +39,11 @@ def add_worker_args(ap: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return ap
 
 
-def worker_parser(role: str, ap: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
+def worker_parser(role: str, ap: argparse.ArgumentParser | None = None,
+                  environ: Mapping[str, str] | None = None) -> argparse.ArgumentParser:
     """The whole command line of a `role` ("prefill", "decode" or "mixed") worker, on `ap` or a parser of its own;
-    a mixed worker is `python -m decode_worker --role mixed`."""
+    a mixed worker is `python -m decode_worker --role mixed`. environ (the worker's own os.environ): its NANO_PD_*
+    variables become the flags' defaults (see apply_environment); None: the flags' own defaults only."""
     ap = add_worker_args(ap or argparse.ArgumentParser(prog=f"python -m {worker_module(role)}"))
     if role in ("decode", "mixed"):
         ap.add_argument("--role", choices=("decode", "mixed"), default=role,
@@ -53,7 +57,7 @@ def worker_parser(role: str, ap: argparse.ArgumentParser | None = None) -> argpa
                         help="seconds reserved blocks wait for their KV before they are freed and the request retried")
         ap.add_argument("--max-pending", type=int, default=None,
                         help="admissions queued for blocks before new ones are refused (default 4 x max-num-seqs)")
-    return ap
+    return ap if environ is None else apply_environment(ap, environ)
 
 
 def add_engine_args(ap, passthrough: bool = False, skip: tuple[str, ...] = ()) -> None:

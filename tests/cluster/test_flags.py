@@ -10,6 +10,7 @@ import sys
 import pytest
 
 from common.cluster.flags import engine_kwargs, worker_parser
+from common.env_flags import apply_environment, env_name
 from common.engine_args import EngineArgs
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -111,3 +112,90 @@ def test_the_worker_flags_import_without_torch():
             "    print('ok')\n")
     done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
     assert done.returncode == 0 and done.stdout == "ok\n", done.stderr
+
+
+# the environment: NANO_PD_<DEST> for every flag (containers configure by variables), the flags still winning
+def env_of(name: str) -> str:
+    """CHANGED's value for `name` as its variable says it: a switch's dest value as true/false, else the word."""
+    words, value = CHANGED[name]
+    return str(value).lower() if len(words) == 1 else words[1]
+
+
+def test_every_engine_flag_comes_from_its_variable():
+    environ = {"NANO_PD_" + name.upper(): env_of(name) for name in CHANGED}
+    args = worker_parser("decode", environ=environ).parse_args(["--router", "r:8100"])
+    assert engine_kwargs(args) == {name: value for name, (_, value) in CHANGED.items()}
+
+
+def test_the_worker_line_from_variables_and_the_flags_win():
+    environ = {"NANO_PD_ROUTER": "nano-pd-router-control:8100", "NANO_PD_HOST": "0.0.0.0",
+               "NANO_PD_ADVERTISE_HOST": "10.1.2.3", "NANO_PD_KV_TRANSPORT": "zmq", "NANO_PD_HEALTH_PORT": "8080",
+               "NANO_PD_DRAIN_TIMEOUT": "30", "NANO_PD_KV_LEASE": "5", "NANO_PD_ROLE": "mixed",
+               "NANO_PD_MAX_NUM_SEQS": "8", "NANO_PD_ENABLE_PREFIX_CACHING": "0", "NANO_PD_SERVED_MODEL_NAME": ""}
+    args = worker_parser("decode", environ=environ).parse_args([])  # --router is no longer required
+    assert (args.router, args.host, args.advertise_host, args.kv_transport, args.health_port, args.drain_timeout,
+            args.kv_lease, args.role, args.max_num_seqs, args.enable_prefix_caching) == \
+           ("nano-pd-router-control:8100", "0.0.0.0", "10.1.2.3", "zmq", 8080, 30.0, 5.0, "mixed", 8, False)
+    assert args.served_model_name is None  # an empty variable is unset
+    given = worker_parser("decode", environ=environ).parse_args(
+        ["--router", "h:1", "--health-port", "9", "--max-num-seqs", "4", "--role", "decode"])
+    assert (given.router, given.health_port, given.max_num_seqs, given.role, given.host) == \
+           ("h:1", 9, 4, "decode", "0.0.0.0")
+
+
+def test_without_environ_the_parser_reads_no_variable(monkeypatch):
+    # the launcher's spec check (deploy/spec.py) parses the flags it hands on, not its own environment
+    monkeypatch.setenv("NANO_PD_BLOCK_SIZE", "32")
+    assert parse().block_size == EngineArgs().block_size
+    with pytest.raises(SystemExit):
+        worker_parser("prefill").parse_args([])  # and --router stays required
+
+
+@pytest.mark.parametrize("variable, value, message", [
+    ("NANO_PD_KV_TRANSPORT", "rdma", "$NANO_PD_KV_TRANSPORT: invalid choice 'rdma' (choose from auto, nixl, zmq)"),
+    ("NANO_PD_BLOCK_SIZE", "1.5", "$NANO_PD_BLOCK_SIZE: invalid value '1.5' for --block-size"),
+    ("NANO_PD_SPECULATIVE_CONFIG", "{method: ngram}", "$NANO_PD_SPECULATIVE_CONFIG: invalid value"),
+    ("NANO_PD_ENABLE_PREFIX_CACHING", "maybe", "$NANO_PD_ENABLE_PREFIX_CACHING: expected true or false"),
+])
+def test_a_bad_variable_is_a_usage_error_naming_it(variable, value, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        worker_parser("prefill", environ={variable: value})
+    assert e.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_the_router_line_from_variables():
+    from router.__main__ import parser
+
+    environ = {"NANO_PD_MODEL": "/models/m", "NANO_PD_HOST": "0.0.0.0", "NANO_PD_PORT": "9000",
+               "NANO_PD_CONTROL_HOST": "0.0.0.0", "NANO_PD_CONTROL_PORT": "9100", "NANO_PD_API_KEY": "secret",
+               "NANO_PD_DRAIN_TIMEOUT": "30", "NANO_PD_HEARTBEAT_TIMEOUT": "3", "NANO_PD_REASONING_PARSER": "qwen3"}
+    args = apply_environment(parser(), environ).parse_args([])
+    assert (args.model, args.host, args.port, args.control_host, args.control_port, args.api_key,
+            args.drain_timeout, args.heartbeat_timeout, args.reasoning_parser) == \
+           ("/models/m", "0.0.0.0", 9000, "0.0.0.0", 9100, "secret", 30.0, 3.0, "qwen3")
+    assert apply_environment(parser(), environ).parse_args(["--port", "9001"]).port == 9001
+    assert parser().parse_args([]).api_key is None  # the variable is read only through apply_environment
+
+
+def test_every_variable_is_named_after_its_dest_and_listed_in_help():
+    from router.__main__ import parser
+
+    for ap in (worker_parser("prefill", environ={}), worker_parser("decode", environ={}),
+               apply_environment(parser(), {})):
+        names = [env_name(a) for a in ap._actions if a.option_strings and a.dest != "help"]
+        assert len(names) == len(set(names)) and all(n.replace("_", "").isalnum() and n.isupper() for n in names)
+        assert "environment variable NANO_PD_<its dest in capitals>" in " ".join(ap.format_help().split())
+
+
+@pytest.mark.parametrize("module, variable, value", [
+    ("prefill_worker", "NANO_PD_DRAIN_TIMEOUT", "soon"),
+    ("decode_worker", "NANO_PD_KV_LEASE", "soon"),
+    ("router", "NANO_PD_PORT", "http"),
+])
+def test_the_commands_read_their_variables(module, variable, value):
+    # a bad value refused by the real command (before any model loads) shows the command reads its environment
+    env = {**os.environ, variable: value, "NANO_PD_ROUTER": "127.0.0.1:1"}
+    done = subprocess.run([sys.executable, "-m", module], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 2 and f"${variable}: invalid value {value!r}" in done.stderr, done.stderr
