@@ -3,14 +3,21 @@
 error) or KEDA's ScaledObject schema, and the checks a schema cannot make: selectors match their pods' labels, a
 Service's ports exist in its pods, every container's variables and arguments parse with the real command's parser
 (the advertised address from status.podIP, the probes on the ports the processes serve), the grace period
-outlasts preStop and the drain, one budget and one autoscaler per pool on series the router exports."""
+outlasts preStop and the drain, one budget and one autoscaler per pool on series the router exports. And the cpu
+overlay's pods' commands and variables, run here as local processes, serve."""
 from __future__ import annotations
 
 import copy
 import functools
+import os
 import re
 import shutil
+import signal
 import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import jsonschema
@@ -25,6 +32,8 @@ from common.cluster.runtime import DRAIN_SETTLE_S, HEARTBEAT_INTERVAL_S
 from common.env_flags import apply_environment
 from router.metrics import ClusterCollector
 from router.server import FINAL_SHUTDOWN_S
+from tests.support.cluster_harness import free_port
+from tests.workers.test_cluster import stream_chat
 
 REPO = Path(__file__).resolve().parents[2]
 K8S = REPO / "deploy" / "k8s"
@@ -35,6 +44,8 @@ ROLES = ("prefill", "decode")
 ROLE_LABEL = "app.kubernetes.io/component"
 POD_IP = "10.1.2.3"  # what the Downward API would give
 KUBECTL = shutil.which("kubectl")
+START_WAIT_S = 180.0  # three processes loading the tiny model on a shared 2-core box, with margin
+EXIT_WAIT_S = 60.0  # a drained idle worker leaves after its 1 s settle
 
 needs_kubectl = pytest.mark.skipif(KUBECTL is None, reason="kubectl is not installed here, so the Kustomize "
                                                            "overlays cannot be rendered (kubectl kustomize)")
@@ -339,3 +350,65 @@ def test_the_pods_run_as_the_images_user_on_the_ports_it_exposes(objects):
         pod = d["spec"]["template"]["spec"]
         assert pod["securityContext"] == {"runAsNonRoot": True, "runAsUser": int(user)}
         assert {str(p["containerPort"]) for c in pod["containers"] for p in c["ports"]} <= set(exposed)
+
+
+def http_status(url: str) -> int | None:
+    try:
+        with urllib.request.urlopen(url, timeout=5) as answer:
+            return answer.status
+    except urllib.error.HTTPError as e:
+        return e.code
+    except OSError:  # not listening yet
+        return None
+
+
+@needs_kubectl
+def test_the_cpu_overlays_pods_serve_when_run_here(model_dir, offline, tmp_path):
+    """The router and one worker of each pool started as the cpu overlay's pods start them: the rendered command,
+    no flag, every setting from the pod's variables; only what belongs to this machine is replaced (addresses,
+    ports, the model, threads, the KV pool), and every prompt goes through the prefill worker. The workers turn
+    ready on their health ports, then the router; a greedy stream equals the offline engine; SIGTERM (what a
+    deleted pod gets after its preStop) drains a worker, which exits 0."""
+    objects = list(render("cpu"))
+    http, control = free_port(), free_port()
+    here = {"NANO_PD_MODEL": model_dir, "NANO_PD_SERVED_MODEL_NAME": "tiny", "NANO_PD_HOST": "127.0.0.1",
+            "NANO_PD_CONTROL_HOST": "127.0.0.1", "NANO_PD_ADVERTISE_HOST": "127.0.0.1", "NANO_PD_PORT": str(http),
+            "NANO_PD_CONTROL_PORT": str(control), "NANO_PD_ROUTER": f"127.0.0.1:{control}", "NANO_PD_THREADS": "1",
+            "NANO_PD_NUM_KV_BLOCKS": "512", "NANO_PD_LOCAL_PREFILL_MAX_TOKENS": "0"}
+    base = dict(os.environ, PYTHONPATH=str(REPO), TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1")
+    procs, ready_urls = {}, {"router": f"http://127.0.0.1:{http}/ready"}
+
+    def logs() -> str:
+        return "\n".join(f"--- {name}\n" + (tmp_path / f"{name}.log").read_text()[-2000:] for name in procs)
+
+    try:
+        for component in ("router", *ROLES):
+            [container] = named(objects, "Deployment", f"nano-pd-{component}")["spec"]["template"]["spec"][
+                "containers"]
+            env = {**base, **container_env(objects, container), **here}
+            if component != "router":
+                env["NANO_PD_HEALTH_PORT"] = str(free_port())
+                ready_urls[component] = f"http://127.0.0.1:{env['NANO_PD_HEALTH_PORT']}/ready"
+            command = [sys.executable, *container["command"][1:]]  # "python": this one, here
+            with (tmp_path / f"{component}.log").open("wb") as log:
+                procs[component] = subprocess.Popen([*command, *container.get("args", [])],
+                                                    cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                                    start_new_session=True)
+        deadline = time.monotonic() + START_WAIT_S
+        while any(http_status(url) != 200 for url in ready_urls.values()):
+            assert time.monotonic() < deadline, f"not ready in {START_WAIT_S} s\n{logs()}"
+            assert all(p.poll() is None for p in procs.values()), f"a process exited\n{logs()}"
+            time.sleep(0.2)
+
+        import openai
+
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{http}/v1", api_key="unused", max_retries=0, timeout=120)
+        prompt = "the pods read their settings from the environment"
+        assert stream_chat(client, prompt, 16)["text"] == offline([prompt], 16)[0]
+        procs["decode"].send_signal(signal.SIGTERM)
+        assert procs["decode"].wait(EXIT_WAIT_S) == 0, logs()
+    finally:
+        for p in procs.values():
+            if p.poll() is None:
+                p.kill()
+                p.wait(EXIT_WAIT_S)

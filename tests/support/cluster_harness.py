@@ -56,6 +56,7 @@ class LocalCluster:
         self.worker_args, self.router_args = list(worker_args), list(router_args)
         self.served_model_name = served_model_name
         self.port, self.control_port = free_port(), free_port()
+        self.router_host = "127.0.0.1"  # the address workers reach the router's control port on
         self.base_url = f"http://127.0.0.1:{self.port}"
         self.log_dir = log_dir or os.path.join("/tmp", f"nano-pd-test-{self.port}")
         os.makedirs(self.log_dir, exist_ok=True)
@@ -65,8 +66,13 @@ class LocalCluster:
     def _spawn(self, name: str, args: list[str]) -> subprocess.Popen:
         env = dict(os.environ, PYTHONPATH=ROOT, TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1")
         log = open(os.path.join(self.log_dir, f"{name}.log"), "ab")
-        return subprocess.Popen([sys.executable, "-m", *args], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+        return subprocess.Popen(self._command(name, args), cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
                                 start_new_session=True)
+
+    def _command(self, name: str, args: list[str]) -> list[str]:
+        """The argv running `python -m args` as process `name`; a subclass may prefix it (tests.support.netns runs
+        each process on a host of its own with `ip netns exec`)."""
+        return [sys.executable, "-m", *args]
 
     def __enter__(self):
         for attempt in range(3):
@@ -117,7 +123,7 @@ class LocalCluster:
         if role == "decode":  # every prompt through a prefill worker: the hand-off is what these clusters test
             module += ["--local-prefill-max-tokens", "0"]
         proc = self._spawn(f"{role}-{index}", [
-            *module, "--router", f"127.0.0.1:{self.control_port}", "--model", self.model,
+            *module, "--router", f"{self.router_host}:{self.control_port}", "--model", self.model,
             "--served-model-name", self.served_model_name, "--kv-transport", self.transport, "--threads", "1",
             "--name", f"{role}-{index}", *self.worker_args, *extra])
         self.procs[role].append(proc)
