@@ -177,7 +177,7 @@ class Cluster:
         if self.metrics and died:
             self.metrics.worker_deaths.labels(role=worker.info.role).inc()
         for other in [w for w in self.registry.workers.values() if w.alive]:
-            await self._send(other, PeerGone(worker.worker_id))
+            await self._send(other, PeerGone(worker.worker_id, worker.info.inbox))
         for req in [r for r in self.requests.values() if r.decode is worker or (r.in_prefill and r.prefill is worker)]:
             asyncio.create_task(self._reissue(req, f"{worker.info.role} worker {worker.worker_id} "
                                                    f"{'died' if died else 'left'}"))

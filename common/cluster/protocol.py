@@ -149,8 +149,11 @@ class Drain(msgspec.Struct, tag="drain"):
 
 
 class PeerGone(msgspec.Struct, tag="peer_gone"):
-    """A worker was declared dead: drop what waits on it (nothing it owned can still touch our memory)."""
+    """A worker was declared dead: drop what waits on it (nothing it owned can still touch our memory), and the
+    socket kept for its inbox, which ZMQ would otherwise redial for ever (and a successor that binds the same
+    address would get what was queued for the dead one)."""
     worker_id: str
+    inbox: str = ""
 
 
 # --- decode <-> prefill ----------------------------------------------------------------------------------------

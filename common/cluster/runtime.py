@@ -28,8 +28,9 @@ import msgspec
 import zmq
 
 from common.names import served_model_name
-from common.cluster.protocol import (Abort, Decoder, Drain, Heartbeat, Leaving, Registered, Starting, WorkerInfo,
-                                     WorkerLoad, encode, events_identity, starting_identity, worth_logging)
+from common.cluster.protocol import (Abort, Decoder, Drain, Heartbeat, Leaving, PeerGone, Registered, Starting,
+                                     WorkerInfo, WorkerLoad, encode, events_identity, starting_identity,
+                                     worth_logging)
 
 HEARTBEAT_INTERVAL_S = 0.5
 # PUSH sockets kept open to peers' inboxes: far more than a cluster has workers, far fewer than a ZMQ context's
@@ -286,6 +287,8 @@ class WorkerRuntime:
                 elif isinstance(msg, Drain):
                     self.begin_drain("the router's drain command")
                 elif msg is not None:
+                    if isinstance(msg, PeerGone):  # every role: the role drops the work, the runtime the socket
+                        self.forget_peer(msg.inbox)
                     out.append(msg)
                 elif len(frames) != 1:  # counted and logged like undecodable ones: a flood must not flood the log
                     decoder.num_dropped += 1

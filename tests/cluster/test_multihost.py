@@ -173,10 +173,6 @@ def test_c_e_prefill_pool_1_2_1_with_a_restart_on_the_same_ip(cluster, offline, 
     assert_all_up(cluster)
 
 
-@pytest.mark.xfail(strict=True, reason="a decode worker keeps its ZMQ socket to a dead prefill worker's inbox "
-                   "(WorkerRuntime.forget_peer is never called on PeerGone) and redials it every 0.1 s for ever; a "
-                   "successor on the same IP that binds the same port would get the messages queued there",
-                   raises=AssertionError)
 def test_e_nobody_dials_the_dead_incarnations_endpoint(cluster):
     (successor,) = cluster.alive("prefill")
     # the one (d) killed, on the host its successor now runs on (the router lists a gone worker for a minute)

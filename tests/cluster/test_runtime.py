@@ -11,7 +11,7 @@ import pytest
 import zmq
 
 from common.cluster import runtime as runtime_module
-from common.cluster.protocol import PrefillDone, Tokens, WorkerLoad
+from common.cluster.protocol import Abort, PeerGone, PrefillDone, Tokens, WorkerLoad, encode
 from common.cluster.runtime import (CONTEXT_SOCKETS, DRAIN_SETTLE_S, OPEN_FILES_WANTED, WorkerRuntime,
                                     raise_open_files_limit)
 from tests.support.cluster_harness import free_port
@@ -43,6 +43,26 @@ def test_a_context_out_of_sockets_drops_the_peer_message_instead_of_ending_the_w
     assert runtime.num_bad_peer_endpoints == 1
     for s in taken:
         s.close(linger=0)
+
+
+def test_a_gone_peers_socket_is_closed_so_nobody_redials_its_address():
+    # found on network namespaces: decode workers redialled a killed prefill worker's inbox every 0.1 s for ever
+    args = types.SimpleNamespace(served_model_name="m", model="m", name="test", host="127.0.0.1",
+                                 advertise_host="", router="127.0.0.1:9", drain_timeout=120.0, health_port=0)
+    rt = WorkerRuntime("decode", args, _NoEngine(), Abort | PeerGone, PrefillDone)
+    router = rt.ctx.socket(zmq.PUSH)
+    try:
+        gone, alive = f"tcp://127.0.0.1:{free_port()}", f"tcp://127.0.0.1:{free_port()}"
+        for endpoint in (gone, alive):
+            rt.send_peer(endpoint, PrefillDone("r", error="x"))
+        router.connect("inproc://commands")
+        router.send(encode(PeerGone("prefill-0", gone)))
+        commands, _ = rt.poll(5000)
+        assert commands == [PeerGone("prefill-0", gone)]  # the role still gets it, to drop the work
+        assert list(rt._peers) == [alive]
+    finally:
+        router.close(linger=0)
+        rt.close()
 
 
 def test_the_open_files_limit_is_raised_for_the_peer_sockets():
