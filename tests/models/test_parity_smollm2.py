@@ -18,7 +18,7 @@ from tests.support.hf_reference import (
 
 pytestmark = pytest.mark.slow
 
-MAX_NEW = 64
+MAX_NEW = 32  # 64 doubled the oracle's time (HF generates each prompt alone) for drift the tiny models cover
 
 TEXT = """\
 The history of computing is a story of layers. At the bottom there are transistors, \
